@@ -1,0 +1,435 @@
+"""SQLite store: commit records, versioned keyed state and staged output in one database.
+
+SQLite runs in WAL mode with ``synchronous=FULL``: once ``commit()`` returns, the commit
+record, the state delta of its ``seq`` and the staged sink output are durable together; a
+crash before that leaves none of them. State rows are versioned by ``seq`` and the versions
+that the last ``keep_checkpoints`` records need are kept, so falling back from a corrupt record
+or rewinding to a retained one restores the exact state of that checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from .._faults import crash_point
+from ..errors import (
+    ClosedError,
+    ConfigurationError,
+    CorruptCheckpointError,
+    FencedError,
+    UnavailableError,
+    invariant,
+)
+from ._record import SCHEMA_VERSION, CommitRecord, decode_record, encode_record
+from ._store import InStoreWrite, OpenedTask, StagedEntry, TaskStatus
+
+__all__ = ["SQLiteStore"]
+
+log = logging.getLogger("resumeflow.store")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (
+    task_no INTEGER PRIMARY KEY,
+    task TEXT NOT NULL UNIQUE,
+    epoch INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS commits (
+    task_no INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    record BLOB NOT NULL,
+    PRIMARY KEY (task_no, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS state (
+    task_no INTEGER NOT NULL,
+    key BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    value BLOB,
+    PRIMARY KEY (task_no, key, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS state_by_seq ON state (task_no, seq);
+CREATE TABLE IF NOT EXISTS staged (
+    task_no INTEGER NOT NULL,
+    sink TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    meta BLOB NOT NULL,
+    payload BLOB NOT NULL,
+    PRIMARY KEY (task_no, sink, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS quarantine (
+    task_no INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    record BLOB NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rewinds (
+    task_no INTEGER NOT NULL,
+    from_seq INTEGER NOT NULL,
+    to_seq INTEGER NOT NULL,
+    at REAL NOT NULL
+);
+"""
+
+
+class SQLiteStore:
+    """A store in one SQLite file; the default for one process.
+
+    Args:
+        path: database file, created if missing.
+        keep_checkpoints: how many newest commit records (and the state versions they need)
+            each task keeps for fallback and rewind; at least 2.
+        create: create the database when missing; ``False`` for read-only tools.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, keep_checkpoints: int = 10,
+                 create: bool = True) -> None:
+        if keep_checkpoints < 2:
+            raise ConfigurationError(
+                f"keep_checkpoints={keep_checkpoints}: keep at least 2 so a corrupt newest "
+                "checkpoint can fall back to the one before; set keep_checkpoints >= 2"
+            )
+        self.path = Path(path)
+        self.keep_checkpoints = keep_checkpoints
+        self.rows_read = 0
+        """Rows read by ``open_task`` and ``load_state`` since the store opened."""
+        self._lock = threading.Lock()
+        if not create and not self.path.exists():
+            raise ConfigurationError(
+                f"no store at {str(self.path)!r}; pass the --store path a pipeline ran with"
+            )
+        if self.path.parent and not self.path.parent.exists():
+            raise ConfigurationError(
+                f"store directory {str(self.path.parent)!r} does not exist; create it or "
+                "choose another --store path"
+            )
+        try:
+            self._db: sqlite3.Connection | None = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=OFF")
+            self._init_schema()
+        except sqlite3.DatabaseError as exc:
+            raise ConfigurationError(
+                f"cannot open store {str(self.path)!r}: {exc}; point --store to a resumeflow "
+                "store or a new file"
+            ) from exc
+
+    @property
+    def database_path(self) -> Path:
+        """Resolved path of the database, for sinks that share its transaction."""
+        return self.path.resolve()
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise ClosedError(f"store {str(self.path)!r} is closed; open a new SQLiteStore")
+        return self._db
+
+    def _init_schema(self) -> None:
+        db = self.connection
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise ConfigurationError(
+                    f"store {str(self.path)!r} has schema version {row[0]}, written by a newer "
+                    f"resumeflow (this one reads up to {SCHEMA_VERSION}); upgrade resumeflow or "
+                    "use another --store path"
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    # -- taking a task ---------------------------------------------------------------------
+
+    def open_task(self, task: str) -> OpenedTask:
+        with self._lock:
+            db = self.connection
+            self._begin(db)
+            try:
+                opened = self._open_task_locked(db, task)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return opened
+
+    def _open_task_locked(self, db: sqlite3.Connection, task: str) -> OpenedTask:
+        db.execute(
+            "INSERT OR IGNORE INTO tasks (task, epoch, last_seq) VALUES (?, 0, 0)", (task,)
+        )
+        task_no, epoch, last_seq = db.execute(
+            "SELECT task_no, epoch, last_seq FROM tasks WHERE task = ?", (task,)
+        ).fetchone()
+        epoch += 1
+        record, discarded = self._newest_valid(db, task_no, last_seq)
+        good_seq = record.seq if record is not None else 0
+        if discarded:
+            self._discard_after(db, task_no, good_seq)
+        db.execute(
+            "UPDATE tasks SET epoch = ?, last_seq = ? WHERE task_no = ?",
+            (epoch, good_seq, task_no),
+        )
+        staged = tuple(
+            StagedEntry(sink=sink, seq=seq, meta=_decode_meta(meta), payload=bytes(payload))
+            for sink, seq, meta, payload in db.execute(
+                "SELECT sink, seq, meta, payload FROM staged WHERE task_no = ? AND seq <= ? "
+                "ORDER BY seq, sink",
+                (task_no, good_seq),
+            )
+        )
+        self.rows_read += 2 + len(staged)
+        return OpenedTask(task=task, task_no=task_no, epoch=epoch, record=record,
+                          discarded_seqs=tuple(discarded), staged=staged)
+
+    def _newest_valid(
+        self, db: sqlite3.Connection, task_no: int, last_seq: int
+    ) -> tuple[CommitRecord | None, list[int]]:
+        """Read records newest first until one verifies: O(1) reads when nothing is corrupt."""
+        discarded: list[int] = []
+        cursor = db.execute(
+            "SELECT seq, record FROM commits WHERE task_no = ? ORDER BY seq DESC", (task_no,)
+        )
+        for seq, raw in cursor:
+            self.rows_read += 1
+            try:
+                record = decode_record(bytes(raw))
+                invariant(record.seq == seq, f"record seq {record.seq} stored under seq {seq}")
+            except CorruptCheckpointError as exc:
+                log.error("commit record seq %d of task #%d is corrupt (%s); falling back to "
+                          "the one before it", seq, task_no, exc)
+                db.execute(
+                    "INSERT INTO quarantine VALUES (?, ?, ?, ?)", (task_no, seq, raw, str(exc))
+                )
+                discarded.append(seq)
+                continue
+            if discarded and record.digest is not None:
+                log.warning("task #%d resumes from checkpoint seq %d; discarded newer corrupt "
+                            "checkpoint(s) %s", task_no, record.seq, discarded)
+            return record, discarded
+        if last_seq > 0 or discarded:
+            log.error("task #%d has no valid commit record left (last seq %d); it starts from "
+                      "the beginning of its sources", task_no, last_seq)
+        return None, discarded
+
+    def _discard_after(self, db: sqlite3.Connection, task_no: int, seq: int) -> None:
+        db.execute("DELETE FROM commits WHERE task_no = ? AND seq > ?", (task_no, seq))
+        db.execute("DELETE FROM state WHERE task_no = ? AND seq > ?", (task_no, seq))
+        db.execute("DELETE FROM staged WHERE task_no = ? AND seq > ?", (task_no, seq))
+
+    # -- state -----------------------------------------------------------------------------
+
+    def load_state(self, task_no: int, key: bytes) -> bytes | None:
+        row = self.connection.execute(
+            "SELECT value FROM state WHERE task_no = ? AND key = ? ORDER BY seq DESC LIMIT 1",
+            (task_no, key),
+        ).fetchone()
+        self.rows_read += 1
+        if row is None or row[0] is None:
+            return None
+        return bytes(row[0])
+
+    # -- the commit point ------------------------------------------------------------------
+
+    def commit(
+        self,
+        opened: OpenedTask,
+        record: CommitRecord,
+        delta: Sequence[tuple[bytes, bytes | None]],
+        staged: Sequence[StagedEntry],
+        release: Sequence[tuple[str, int]],
+        in_store: Sequence[InStoreWrite] = (),
+    ) -> None:
+        invariant(record.epoch == opened.epoch, "record epoch differs from the task's epoch")
+        record.verify()
+        raw = encode_record(record)
+        with self._lock:
+            db = self.connection
+            self._begin(db)
+            try:
+                self._check_owner(db, opened, record)
+                self._write(db, opened.task_no, record, raw, delta, staged, release, in_store)
+                crash_point("store.before_commit")
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+    def _check_owner(self, db: sqlite3.Connection, opened: OpenedTask,
+                     record: CommitRecord) -> None:
+        epoch, last_seq = db.execute(
+            "SELECT epoch, last_seq FROM tasks WHERE task_no = ?", (opened.task_no,)
+        ).fetchone()
+        if epoch != record.epoch:
+            raise FencedError(
+                f"task {opened.task!r} is owned by epoch {epoch}; this worker holds epoch "
+                f"{record.epoch} and its commit seq {record.seq} was refused. Stop this worker: "
+                "another one resumed the task"
+            )
+        invariant(record.seq == last_seq + 1,
+                  f"task {opened.task!r} commits seq {record.seq} after seq {last_seq}")
+
+    def _write(self, db: sqlite3.Connection, task_no: int, record: CommitRecord, raw: bytes,
+               delta: Sequence[tuple[bytes, bytes | None]], staged: Sequence[StagedEntry],
+               release: Sequence[tuple[str, int]], in_store: Sequence[InStoreWrite]) -> None:
+        seq = record.seq
+        if delta:
+            db.executemany(
+                "INSERT OR REPLACE INTO state (task_no, key, seq, value) VALUES (?, ?, ?, ?)",
+                [(task_no, key, seq, value) for key, value in delta],
+            )
+        for sink, upto in release:
+            db.execute("DELETE FROM staged WHERE task_no = ? AND sink = ? AND seq <= ?",
+                       (task_no, sink, upto))
+        if staged:
+            db.executemany(
+                "INSERT INTO staged VALUES (?, ?, ?, ?, ?)",
+                [(task_no, e.sink, e.seq, _encode_meta(e.meta), e.payload) for e in staged],
+            )
+        for write in in_store:
+            write(db)
+        db.execute("INSERT INTO commits VALUES (?, ?, ?, ?)", (task_no, seq, record.epoch, raw))
+        db.execute("UPDATE tasks SET last_seq = ? WHERE task_no = ?", (seq, task_no))
+        self._prune(db, task_no, seq)
+
+    def _prune(self, db: sqlite3.Connection, task_no: int, seq: int) -> None:
+        """Drop records older than the kept window and the state versions only they needed."""
+        oldest_kept = seq - self.keep_checkpoints + 1
+        if oldest_kept <= 1:
+            return
+        dropped = db.execute(
+            "SELECT seq FROM commits WHERE task_no = ? AND seq < ?", (task_no, oldest_kept)
+        ).fetchall()
+        if not dropped:
+            return
+        db.execute("DELETE FROM commits WHERE task_no = ? AND seq < ?", (task_no, oldest_kept))
+        # A version below the oldest kept checkpoint is garbage once a newer version at or
+        # below it exists; tombstones at or below it are garbage too.
+        low = min(s for (s,) in dropped) + 1
+        for s in range(low, oldest_kept + 1):
+            db.execute(
+                "DELETE FROM state WHERE task_no = ?1 AND seq < ?2 AND key IN "
+                "(SELECT key FROM state WHERE task_no = ?1 AND seq = ?2)",
+                (task_no, s),
+            )
+            db.execute("DELETE FROM state WHERE task_no = ? AND seq = ? AND value IS NULL",
+                       (task_no, s))
+
+    # -- inspection and tools --------------------------------------------------------------
+
+    def records(self, task: str) -> list[tuple[int, bytes]]:
+        db = self.connection
+        row = db.execute("SELECT task_no FROM tasks WHERE task = ?", (task,)).fetchone()
+        if row is None:
+            return []
+        return [(seq, bytes(raw)) for seq, raw in db.execute(
+            "SELECT seq, record FROM commits WHERE task_no = ? ORDER BY seq", (row[0],))]
+
+    def tasks(self) -> list[TaskStatus]:
+        db = self.connection
+        out: list[TaskStatus] = []
+        for task_no, task, epoch in db.execute(
+            "SELECT task_no, task, epoch FROM tasks ORDER BY task"
+        ).fetchall():
+            raw = db.execute(
+                "SELECT record FROM commits WHERE task_no = ? ORDER BY seq DESC LIMIT 1",
+                (task_no,),
+            ).fetchone()
+            count = db.execute("SELECT count(*) FROM commits WHERE task_no = ?",
+                               (task_no,)).fetchone()[0]
+            staged = db.execute("SELECT count(*) FROM staged WHERE task_no = ?",
+                                (task_no,)).fetchone()[0]
+            record: CommitRecord | None = None
+            error: str | None = None
+            if raw is not None:
+                try:
+                    record = decode_record(bytes(raw[0]))
+                except CorruptCheckpointError as exc:
+                    error = str(exc)
+            out.append(TaskStatus(task=task, epoch=epoch, record=record, error=error,
+                                  checkpoints=count, staged=staged))
+        return out
+
+    def rewind(self, task: str, seq: int) -> CommitRecord | None:
+        """Make checkpoint ``seq`` (0: the beginning) the newest one of ``task``; logged.
+
+        The caller must make sure no worker runs the task. Sinks that staged output are
+        rewound by their own recovery (file sinks truncate to the rewound record's length).
+        """
+        with self._lock:
+            db = self.connection
+            self._begin(db)
+            try:
+                row = db.execute("SELECT task_no, last_seq FROM tasks WHERE task = ?",
+                                 (task,)).fetchone()
+                if row is None:
+                    raise ConfigurationError(f"no task {task!r} in this store; see `status`")
+                task_no, last_seq = row
+                target: CommitRecord | None = None
+                if seq > 0:
+                    raw = db.execute("SELECT record FROM commits WHERE task_no = ? AND seq = ?",
+                                     (task_no, seq)).fetchone()
+                    if raw is None:
+                        raise ConfigurationError(
+                            f"task {task!r} keeps no checkpoint seq {seq}; pick one listed by "
+                            "`resumeflow checkpoints list`")
+                    target = decode_record(bytes(raw[0]))
+                else:
+                    db.execute("DELETE FROM state WHERE task_no = ?", (task_no,))
+                    db.execute("DELETE FROM staged WHERE task_no = ?", (task_no,))
+                self._discard_after(db, task_no, seq)
+                db.execute("UPDATE tasks SET last_seq = ?, epoch = epoch + 1 WHERE task_no = ?",
+                           (seq, task_no))
+                db.execute("INSERT INTO rewinds VALUES (?, ?, ?, strftime('%s','now'))",
+                           (task_no, last_seq, seq))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        log.warning("task %r rewound from checkpoint seq %d to seq %d", task, last_seq, seq)
+        return target
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def _begin(self, db: sqlite3.Connection) -> None:
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise UnavailableError(
+                f"store {str(self.path)!r} is locked or unavailable ({exc}); retry, or stop the "
+                "other process using it"
+            ) from exc
+
+
+def _encode_meta(meta: dict[str, object]) -> bytes:
+    from .._codec import encode
+
+    return encode(meta)
+
+
+def _decode_meta(raw: bytes) -> dict[str, object]:
+    from .._codec import decode
+
+    value = decode(bytes(raw))
+    invariant(isinstance(value, dict), "staged meta is not an object")
+    return value  # type: ignore[no-any-return]

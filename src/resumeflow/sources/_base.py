@@ -1,0 +1,71 @@
+"""The source contract: partitions with totally ordered positions, read in batches.
+
+A source guarantees that ``open(partition, position)`` yields exactly the records at and
+after ``position``, in order, and that a batch's ``end`` is the position of the next record
+after it. A record is never split across batches; an incomplete record at the end of the
+input is not yielded until it is complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = ["Batch", "Source", "SourceReader"]
+
+
+@dataclass(slots=True)
+class Batch:
+    """Raw records read from one partition, with the positions around them.
+
+    Attributes:
+        items: the raw records, in order.
+        start: position of the first record.
+        end: position of the next record to read after this batch.
+        locate: maps an index in ``items`` to that record's position (only called on the
+            failure path, so it may re-scan the batch).
+    """
+
+    items: Sequence[Any]
+    start: Any
+    end: Any
+    locate: Callable[[int], Any]
+
+
+class SourceReader(Protocol):
+    """An open partition of a source."""
+
+    position: Any
+    """Position of the next record this reader will return."""
+
+    def read(self, max_records: int) -> Batch | None:
+        """Up to ``max_records`` records, or ``None`` when nothing is available now."""
+        ...
+
+    @property
+    def at_end(self) -> bool:
+        """True once a bounded input has been read to its end (never while following)."""
+        ...
+
+    def close(self) -> None:
+        """Release the partition; a crash instead leaves nothing to clean up."""
+        ...
+
+
+class Source(Protocol):
+    """A partitioned input. One task runs per partition."""
+
+    name: str
+
+    def partitions(self) -> list[str]:
+        """The partitions, fixed when the pipeline starts; fails on unreadable input."""
+        ...
+
+    def open(self, partition: str, position: Any | None, *, follow: bool) -> SourceReader:
+        """Open a partition at ``position`` (``None``: its beginning)."""
+        ...
+
+    def decode(self, raw: Any) -> Any:
+        """Turn one raw record into a value; raises on a malformed record."""
+        ...

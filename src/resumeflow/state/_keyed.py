@@ -1,0 +1,117 @@
+"""Keyed state of one task: hot keys in memory, cold keys in the store, loaded on first touch.
+
+Guarantees: a key's value is read from the store at most once while it stays hot; a
+checkpoint writes only the keys changed since the previous one (``take_delta``); clean keys
+are evicted when the hot set grows past ``max_hot_keys``, dirty keys never are. Opening the
+state reads nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .._codec import decode, encode, encode_key
+
+__all__ = ["MISSING", "KeyedState"]
+
+
+class _Missing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+"""Marker for a key that has no value (distinct from a stored ``None``)."""
+
+
+class KeyedState:
+    """Hot cache over a task's committed state.
+
+    Args:
+        load: reads one encoded key's committed value (``None`` when absent).
+        namespace: prefix of this state's keys in the store (the operator's state name).
+        max_hot_keys: clean keys beyond this are evicted at ``evict()``; ``math.inf`` keeps all.
+        keys_committed: number of keys with a value at the last checkpoint.
+    """
+
+    __slots__ = ("_load", "_prefix", "dirty", "keys", "loads", "max_hot_keys", "values")
+
+    def __init__(self, load: Callable[[bytes], bytes | None], *, max_hot_keys: float,
+                 keys_committed: int = 0, namespace: str = "") -> None:
+        self._load = load
+        self._prefix = namespace.encode() + b"\x00" if namespace else b""
+        self.values: dict[Any, Any] = {}
+        self.dirty: set[Any] = set()
+        self.max_hot_keys = max_hot_keys
+        self.keys = keys_committed
+        """Keys that have a value, counting changes not yet committed."""
+        self.loads = 0
+        """Cold reads from the store since the state opened."""
+
+    def load(self, key: Any) -> Any:
+        """Committed value of a key that is not hot, or ``MISSING``; caches it.
+
+        A key that is dirty but not hot was deleted since the last checkpoint.
+        """
+        if key in self.dirty:
+            return MISSING
+        self.loads += 1
+        raw = self._load(self._prefix + encode_key(key))
+        if raw is None:
+            return MISSING
+        value = decode(raw)
+        self.values[key] = value
+        return value
+
+    def get(self, key: Any) -> Any:
+        """Current value of ``key`` or ``MISSING``."""
+        value = self.values.get(key, MISSING)
+        if value is MISSING:
+            value = self.load(key)
+        return value
+
+    def set(self, key: Any, value: Any, *, existed: bool) -> None:
+        """Give ``key`` a value (``MISSING`` deletes it); ``existed`` says if it had one."""
+        if value is MISSING:
+            if existed:
+                self.keys -= 1
+            self.values.pop(key, None)
+        else:
+            if not existed:
+                self.keys += 1
+            self.values[key] = value
+        self.dirty.add(key)
+
+    def take_delta(self) -> list[tuple[bytes, bytes | None]]:
+        """Encode and clear the dirty keys; deleted keys become tombstones (``None``)."""
+        values = self.values
+        prefix = self._prefix
+        delta: list[tuple[bytes, bytes | None]] = []
+        append = delta.append
+        for key in self.dirty:
+            value = values.get(key, MISSING)
+            if value is MISSING:
+                append((prefix + encode_key(key), None))
+            else:
+                append((prefix + encode_key(key), encode(value)))
+        self.dirty.clear()
+        return delta
+
+    def evict(self) -> int:
+        """Drop the oldest clean keys past ``max_hot_keys``; returns how many were dropped."""
+        excess = len(self.values) - self.max_hot_keys
+        if excess <= 0:
+            return 0
+        target = int(excess + self.max_hot_keys // 5)
+        dropped = 0
+        dirty = self.dirty
+        for key in list(self.values):
+            if dropped >= target:
+                break
+            if key not in dirty:
+                del self.values[key]
+                dropped += 1
+        return dropped
