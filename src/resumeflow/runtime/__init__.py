@@ -1,7 +1,7 @@
 """The runtime: tasks, the commit protocol, recovery and crash points."""
 
-from ._config import RunConfig
 from .._faults import CRASH_POINTS, crash_point
+from ._config import RunConfig
 from ._runtime import Progress, RunSummary, Runtime, run
 from ._task import Recovery, TaskRunner
 

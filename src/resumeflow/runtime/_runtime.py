@@ -20,12 +20,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from .._faults import install_from_env
 from ..checkpoint import SQLiteStore, Store
 from ..errors import ConfigurationError
 from ..flow import Flow
 from ..sinks import JsonLinesSink, Sink
 from ._config import RunConfig
-from .._faults import install_from_env
 from ._progress import ProgressMarks
 from ._task import Recovery, TaskRunner
 
@@ -194,7 +194,7 @@ class Runtime:
         for task in self.tasks:
             try:
                 task.close()
-            except Exception:  # noqa: BLE001 - closing must not hide the original error
+            except Exception:
                 log.exception("closing task %s failed", task.task_id)
         if self._owns_store:
             self.store.close()

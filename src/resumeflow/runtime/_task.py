@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from .._faults import crash_point
 from ..checkpoint import GENESIS_DIGEST, CommitRecord, OpenedTask, StagedEntry, Store, make_record
 from ..errors import invariant
 from ..flow import Flow, build_chain, rollback
@@ -26,7 +27,6 @@ from ..sinks import Precommit, Sink, SinkContext, SinkWriter
 from ..sources import Batch, SourceReader
 from ..state import KeyedState
 from ._config import RunConfig
-from .._faults import crash_point
 from ._progress import ProgressMarks
 
 __all__ = ["Recovery", "TaskRunner"]

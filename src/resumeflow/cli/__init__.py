@@ -1,0 +1,5 @@
+"""The ``resumeflow`` command line."""
+
+from ._main import load_flow, main
+
+__all__ = ["load_flow", "main"]
