@@ -133,6 +133,7 @@ class Runtime:
     def run(self) -> RunSummary:
         """Run until every bounded input is done or a stop is requested."""
         started = self._clock()
+        self._run_started = started
         summary = RunSummary()
         with self._signals():
             try:
@@ -157,6 +158,9 @@ class Runtime:
                 n = task.step()
                 progressed += n
                 summary.records_in += n
+                if n and not summary.records_in - n:
+                    log.info("first records processed %.1f ms after the run started",
+                             (self._clock() - self._run_started) * 1e3)
                 if task.commit_due():
                     self._commit(task, summary)
             if not progressed:
