@@ -10,10 +10,12 @@ Under at-least-once, output is appended before the commit point and a replay rep
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +99,14 @@ class _JsonLinesWriter:
                     "store that wrote it"
                 )
             return
-        for entry in staged:
-            self._append(entry.seq, entry.meta, entry.payload)
-            self._finalized = entry.seq
-        end = int(meta["end"])
+        with self._locked():
+            for entry in staged:
+                self._append(entry.seq, entry.meta, entry.payload)
+                self._finalized = entry.seq
+            self._cut_back(int(meta["end"]))
+        self._length = int(meta["end"])
+
+    def _cut_back(self, end: int) -> None:
         size = self._size()
         if size > end:
             log.warning("%s: cutting %d bytes written after the checkpoint being resumed",
@@ -113,7 +119,15 @@ class _JsonLinesWriter:
                 "task with `resumeflow checkpoints rewind`"
             )
         self._sync()
-        self._length = end
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialize appends with any other writer of this file (a zombie finalizing late)."""
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
 
     # -- the checkpoint --------------------------------------------------------------------
 
@@ -154,7 +168,8 @@ class _JsonLinesWriter:
         if pending is None:
             return
         meta, payload = pending
-        self._append(seq, meta, payload)
+        with self._locked():
+            self._append(seq, meta, payload)
         self._finalized = seq
 
     def _append(self, seq: int, meta: dict[str, Any], payload: bytes) -> None:
