@@ -234,3 +234,40 @@ def rewind_cmd(store: str, task: str, seq: int) -> None:
     assert record is not None
     out.print(f"task {task} rewound to checkpoint seq {seq}, positions "
               f"{json.dumps(record.positions)}; file sinks are cut back on the next run")
+
+
+@main.command()
+@click.argument("flow_spec", metavar="FILE.py:ATTR")
+@click.option("--kills", type=int, default=20, show_default=True, help="SIGKILLs to deliver.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the kill plan.")
+@click.option("--store", default=None, help="Store of the killed runs (default: a scratch file).")
+@click.option("--replay-max-events", type=int, default=100_000, show_default=True)
+@click.option("--guarantee", type=click.Choice(["exactly-once", "at-least-once"]),
+              default="exactly-once", show_default=True)
+def chaos(flow_spec: str, kills: int, seed: int, store: str | None, replay_max_events: int,
+          guarantee: str) -> None:
+    """SIGKILL FILE.py:ATTR at random moments, restart it, and compare with a clean run."""
+    from ._chaos import run_chaos, summarize
+
+    if kills < 1:
+        raise click.BadParameter("--kills must be at least 1")
+    flow = load_flow(flow_spec)
+    extra = ["--replay-max-events", str(replay_max_events), "--guarantee", guarantee]
+    report = run_chaos(flow, flow_spec, kills=kills, seed=seed,
+                       store=Path(store) if store else None, extra=extra,
+                       replay_bound=replay_max_events, log=lambda m: err.print(m))
+    table = Table(title=f"chaos: {flow_spec} seed {seed}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for name, value in summarize(report):
+        table.add_row(name, value)
+    out.print(table)
+    violations = report.violations
+    if guarantee == "at-least-once":
+        violations = [v for v in violations if "duplicated" not in v]
+    if violations:
+        for v in violations:
+            err.print(f"[bold red]VIOLATION[/] {v}")
+        err.print(f"replay with: resumeflow chaos {flow_spec} --kills {kills} --seed {seed}")
+        sys.exit(1)
+    out.print("no violations")
