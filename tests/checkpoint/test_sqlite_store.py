@@ -1,0 +1,445 @@
+"""SQLiteStore: epoch fencing, the atomic commit point, fallback from damage, pruning, rewind."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from resumeflow._faults import installed
+from resumeflow.checkpoint import (
+    GENESIS_DIGEST,
+    SCHEMA_VERSION,
+    CommitRecord,
+    OpenedTask,
+    SQLiteStore,
+    StagedEntry,
+    make_record,
+)
+from resumeflow.errors import (
+    ClosedError,
+    ConfigurationError,
+    FencedError,
+    InternalError,
+)
+
+TASK = "orders:events.jsonl:0"
+
+
+class Writer:
+    """Commits checkpoints of one task straight through the store API."""
+
+    def __init__(self, store: SQLiteStore, task: str = TASK) -> None:
+        self.store = store
+        self.opened: OpenedTask = store.open_task(task)
+        record = self.opened.record
+        self.seq = record.seq if record else 0
+        self.digest = record.digest if record else GENESIS_DIGEST
+
+    def record(self, seq: int | None = None) -> CommitRecord:
+        seq = self.seq + 1 if seq is None else seq
+        return make_record(task=self.opened.task, epoch=self.opened.epoch, seq=seq,
+                           positions={"0": position(seq)}, sink_txn={}, inflight=[],
+                           created_at=time.time(), stats={}, prev_digest=self.digest)
+
+    def commit(self, delta: Iterable[tuple[bytes, bytes | None]] = (),
+               staged: Iterable[StagedEntry] = (), release: Iterable[tuple[str, int]] = (),
+               seq: int | None = None) -> CommitRecord:
+        record = self.record(seq)
+        self.store.commit(self.opened, record, list(delta), list(staged), list(release))
+        self.seq, self.digest = record.seq, record.digest
+        return record
+
+
+def position(seq: int) -> int:
+    return seq * 1000 + 7
+
+
+def staged(seq: int, sink: str = "out") -> StagedEntry:
+    return StagedEntry(sink=sink, seq=seq, meta={"n": seq}, payload=b"payload %d\n" % seq)
+
+
+def rows(path: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(sql, args).fetchall()
+    finally:
+        db.close()
+
+
+def edit_record(path: Path, seq: int, edit: Any) -> None:
+    """Rewrite the stored bytes of commit record ``seq`` with ``edit(raw) -> raw``."""
+    db = sqlite3.connect(path)
+    try:
+        (raw,) = db.execute("SELECT record FROM commits WHERE seq = ?", (seq,)).fetchone()
+        db.execute("UPDATE commits SET record = ? WHERE seq = ?", (edit(bytes(raw)), seq))
+        db.commit()
+    finally:
+        db.close()
+
+
+def snapshot(store: SQLiteStore, task_no: int, keys: Iterable[bytes]) -> dict[bytes, bytes]:
+    """Committed value of every key that has one."""
+    out = {}
+    for key in keys:
+        value = store.load_state(task_no, key)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+# -- epochs and fencing -------------------------------------------------------------------
+
+
+def test_open_task_bumps_the_epoch_every_time(tmp_path: Path) -> None:
+    """Each ``open_task`` gives a new, higher epoch, also across store reopenings."""
+    store = SQLiteStore(tmp_path / "s.db")
+    first = store.open_task(TASK)
+    second = store.open_task(TASK)
+    store.close()
+    store = SQLiteStore(tmp_path / "s.db")
+    third = store.open_task(TASK)
+    store.close()
+    assert (first.epoch, second.epoch, third.epoch) == (1, 2, 3)
+    assert first.task_no == second.task_no == third.task_no
+    assert first.record is None
+
+
+def test_stale_epoch_commit_is_refused_and_lands_nothing(store: SQLiteStore) -> None:
+    """A commit carrying an older epoch raises FencedError with advice; nothing of it lands."""
+    old = Writer(store)
+    old.commit(delta=[(b"k", b"1")])
+    new = Writer(store)
+    assert new.opened.epoch == old.opened.epoch + 1
+    with pytest.raises(FencedError) as info:
+        old.commit(delta=[(b"k", b"2"), (b"j", b"9")], staged=[staged(2)])
+    message = str(info.value)
+    assert f"owned by epoch {new.opened.epoch}" in message
+    assert f"holds epoch {old.opened.epoch}" in message
+    assert "Stop this worker" in message
+    assert [seq for seq, _ in store.records(TASK)] == [1]
+    assert store.load_state(old.opened.task_no, b"k") == b"1"
+    assert store.load_state(old.opened.task_no, b"j") is None
+    assert store.open_task(TASK).staged == ()
+
+
+def test_newer_epoch_commits_after_fencing(store: SQLiteStore) -> None:
+    """The worker that took the task last continues the chain where the store left it."""
+    old = Writer(store)
+    old.commit()
+    new = Writer(store)
+    record = new.commit()
+    assert record.seq == 2 and record.epoch == new.opened.epoch
+    with pytest.raises(FencedError):
+        old.commit(seq=3)
+
+
+def test_seq_must_follow_the_last_commit(store: SQLiteStore) -> None:
+    """A commit whose seq does not follow the task's last seq is refused as a bug."""
+    w = Writer(store)
+    with pytest.raises(InternalError, match="commits seq 2 after seq 0"):
+        w.commit(seq=2)
+    w.commit()
+    with pytest.raises(InternalError, match="commits seq 1 after seq 1"):
+        w.commit(seq=1)
+    assert [seq for seq, _ in store.records(TASK)] == [1]
+
+
+def test_commit_epoch_must_match_the_opened_task(store: SQLiteStore) -> None:
+    """A record whose epoch is not the one the task was opened with is refused before writing."""
+    w = Writer(store)
+    record = make_record(task=TASK, epoch=w.opened.epoch + 5, seq=1, positions={}, sink_txn={},
+                         inflight=[], created_at=0.0, stats={}, prev_digest=GENESIS_DIGEST)
+    with pytest.raises(InternalError, match="epoch"):
+        store.commit(w.opened, record, [], [], [])
+    assert store.records(TASK) == []
+
+
+# -- the commit point ---------------------------------------------------------------------
+
+
+class Crash(BaseException):
+    """Stands for the process dying at a crash point."""
+
+
+def test_crash_inside_commit_leaves_nothing(store: SQLiteStore) -> None:
+    """A crash just before the store's COMMIT leaves no record, no state and no staging."""
+    w = Writer(store)
+    w.commit(delta=[(b"a", b"1")])
+
+    def crash(point: str) -> None:
+        if point == "store.before_commit":
+            raise Crash
+
+    with installed(crash), pytest.raises(Crash):
+        w.commit(delta=[(b"a", b"2"), (b"b", b"3")], staged=[staged(2)])
+    assert [seq for seq, _ in store.records(TASK)] == [1]
+    assert snapshot(store, w.opened.task_no, [b"a", b"b"]) == {b"a": b"1"}
+    assert store.open_task(TASK).staged == ()
+
+
+def test_commit_writes_record_state_and_staging_together(store: SQLiteStore) -> None:
+    """After ``commit`` returns, record, state delta and staged output are all readable."""
+    w = Writer(store)
+    record = w.commit(delta=[(b"a", b"1"), (b"b", None)], staged=[staged(1)])
+    opened = store.open_task(TASK)
+    assert opened.record == record
+    assert opened.staged == (staged(1),)
+    assert store.load_state(opened.task_no, b"a") == b"1"
+    assert store.load_state(opened.task_no, b"b") is None
+
+
+def test_release_drops_staged_output_up_to_a_seq(store: SQLiteStore) -> None:
+    """Released staging is deleted inside the next commit; unreleased staging is kept."""
+    w = Writer(store)
+    w.commit(staged=[staged(1), staged(1, sink="dead")])
+    w.commit(staged=[staged(2)], release=[("out", 1)])
+    opened = store.open_task(TASK)
+    assert [(e.sink, e.seq) for e in opened.staged] == [("dead", 1), ("out", 2)]
+
+
+def test_open_task_reads_o1_rows_whatever_the_state_size(tmp_path: Path) -> None:
+    """Opening a task reads a constant number of rows, not its state or its old records."""
+    store = SQLiteStore(tmp_path / "s.db", keep_checkpoints=5)
+    w = Writer(store)
+    w.commit(delta=[(b"k%d" % i, b"%d" % i) for i in range(20_000)])
+    for _ in range(6):
+        w.commit(delta=[(b"k1", b"x")])
+    store.close()
+    store = SQLiteStore(tmp_path / "s.db")
+    opened = store.open_task(TASK)
+    assert opened.record is not None and opened.record.seq == 7
+    assert store.rows_read <= 3
+    assert store.load_state(opened.task_no, b"k19999") == b"19999"
+    assert store.rows_read <= 4
+    store.close()
+
+
+# -- damage -------------------------------------------------------------------------------
+
+
+def _three_checkpoints(store: SQLiteStore) -> Writer:
+    w = Writer(store)
+    w.commit(delta=[(b"a", b"1"), (b"b", b"1")], staged=[staged(1)])
+    w.commit(delta=[(b"a", b"2")], staged=[staged(2)], release=[("out", 1)])
+    w.commit(delta=[(b"a", b"3"), (b"b", None), (b"c", b"3")], staged=[staged(3)])
+    return w
+
+
+def _bump_position(raw: bytes) -> bytes:
+    old = b'"0":%d' % position(3)
+    assert old in raw
+    return raw.replace(old, b'"0":%d' % (position(3) + 1))
+
+
+def _cut_in_half(raw: bytes) -> bytes:
+    return raw[: len(raw) // 2]
+
+
+@pytest.mark.parametrize("damage", [_bump_position, _cut_in_half],
+                         ids=["edited", "truncated"])
+def test_damaged_newest_record_falls_back_to_the_previous(tmp_path: Path, damage: Any,
+                                                          caplog: pytest.LogCaptureFixture
+                                                          ) -> None:
+    """A newest record that fails its digest or decoder is set aside; the one before is used,
+    with its exact state, and the newer state versions and staged output are discarded."""
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path, keep_checkpoints=3)
+    w = _three_checkpoints(store)
+    task_no = w.opened.task_no
+    store.close()
+    edit_record(path, 3, damage)
+
+    store = SQLiteStore(path, keep_checkpoints=3)
+    opened = store.open_task(TASK)
+    assert opened.record is not None and opened.record.seq == 2
+    assert opened.record.positions == {"0": position(2)}
+    assert opened.discarded_seqs == (3,)
+    assert "falling back" in caplog.text
+    assert snapshot(store, task_no, [b"a", b"b", b"c"]) == {b"a": b"2", b"b": b"1"}
+    assert [e.seq for e in opened.staged] == [2]
+    assert rows(path, "SELECT count(*) FROM state WHERE seq > 2") == [(0,)]
+    assert rows(path, "SELECT count(*) FROM staged WHERE seq > 2") == [(0,)]
+    assert rows(path, "SELECT seq FROM quarantine") == [(3,)]
+    assert [seq for seq, _ in store.records(TASK)] == [1, 2]
+
+    # The chain continues from the record it fell back to.
+    again = Writer(store)
+    assert again.seq == 2
+    record = again.commit(delta=[(b"c", b"new")])
+    assert record.seq == 3 and record.prev_digest == opened.record.digest
+    store.close()
+
+
+def test_two_damaged_records_fall_back_two_steps(tmp_path: Path) -> None:
+    """Fallback walks back over every damaged record to the newest one that verifies."""
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path, keep_checkpoints=3)
+    _three_checkpoints(store)
+    store.close()
+    edit_record(path, 3, _cut_in_half)
+    edit_record(path, 2, lambda raw: raw.replace(b'"epoch":1', b'"epoch":7'))
+    store = SQLiteStore(path, keep_checkpoints=3)
+    opened = store.open_task(TASK)
+    assert opened.record is not None and opened.record.seq == 1
+    assert opened.discarded_seqs == (3, 2)
+    assert snapshot(store, opened.task_no, [b"a", b"b", b"c"]) == {b"a": b"1", b"b": b"1"}
+    store.close()
+
+
+def test_status_reports_a_damaged_newest_record(tmp_path: Path) -> None:
+    """``tasks()`` names the error of a damaged newest record instead of misreading it."""
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path)
+    _three_checkpoints(store)
+    store.close()
+    edit_record(path, 3, _bump_position)
+    store = SQLiteStore(path, create=False)
+    (status,) = store.tasks()
+    store.close()
+    assert status.record is None
+    assert status.error is not None and "fails its digest" in status.error
+    assert status.checkpoints == 3
+
+
+def test_store_of_a_newer_schema_is_refused_with_advice(tmp_path: Path) -> None:
+    """A store written by a newer resumeflow fails at open, saying what to do."""
+    path = tmp_path / "s.db"
+    SQLiteStore(path).close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+               (str(SCHEMA_VERSION + 1),))
+    db.commit()
+    db.close()
+    with pytest.raises(ConfigurationError) as info:
+        SQLiteStore(path)
+    message = str(info.value)
+    assert f"schema version {SCHEMA_VERSION + 1}" in message
+    assert "upgrade resumeflow or use another --store path" in message
+
+
+def test_a_file_that_is_not_a_store_is_refused(tmp_path: Path) -> None:
+    """Pointing the store at a file that is not SQLite fails with a ConfigurationError."""
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"this is not a database, just some text " * 100)
+    with pytest.raises(ConfigurationError, match="point --store to a resumeflow store"):
+        SQLiteStore(path)
+
+
+def test_missing_store_for_read_only_tools(tmp_path: Path) -> None:
+    """``create=False`` on a missing store fails and is not created as a side effect."""
+    with pytest.raises(ConfigurationError, match="no store at"):
+        SQLiteStore(tmp_path / "nope.db", create=False)
+    assert not (tmp_path / "nope.db").exists()
+
+
+def test_store_directory_must_exist(tmp_path: Path) -> None:
+    """A store path in a missing directory fails at start with advice."""
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        SQLiteStore(tmp_path / "missing" / "s.db")
+
+
+def test_keep_checkpoints_below_two_is_refused(tmp_path: Path) -> None:
+    """Keeping fewer than two checkpoints would make fallback impossible: refused."""
+    with pytest.raises(ConfigurationError, match="keep_checkpoints >= 2"):
+        SQLiteStore(tmp_path / "s.db", keep_checkpoints=1)
+
+
+def test_closed_store_raises_closed_error(tmp_path: Path) -> None:
+    """A closed store raises ClosedError, and closing twice is safe."""
+    store = SQLiteStore(tmp_path / "s.db")
+    store.close()
+    store.close()
+    with pytest.raises(ClosedError):
+        store.open_task(TASK)
+
+
+# -- pruning and rewind -------------------------------------------------------------------
+
+KEYS = [b"k%d" % i for i in range(6)]
+
+
+def _history(store: SQLiteStore, commits: int) -> tuple[Writer, dict[int, dict[bytes, bytes]]]:
+    """Commit a history where keys change, vanish and come back; returns each snapshot."""
+    w = Writer(store)
+    current: dict[bytes, bytes] = {}
+    snapshots: dict[int, dict[bytes, bytes]] = {0: {}}
+    for seq in range(1, commits + 1):
+        delta: list[tuple[bytes, bytes | None]] = []
+        for i, key in enumerate(KEYS):
+            if seq % (i + 2) == 0:
+                delta.append((key, b"%d@%d" % (i, seq)))
+            elif seq % (i + 3) == 1 and key in current:
+                delta.append((key, None))
+        for key, value in delta:
+            if value is None:
+                current.pop(key, None)
+            else:
+                current[key] = value
+        w.commit(delta=delta)
+        snapshots[seq] = dict(current)
+    return w, snapshots
+
+
+def test_pruning_keeps_the_last_k_records_and_their_state(tmp_path: Path) -> None:
+    """Only ``keep_checkpoints`` records remain, with exactly the state versions they need."""
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path, keep_checkpoints=3)
+    w, snapshots = _history(store, 12)
+    assert [seq for seq, _ in store.records(TASK)] == [10, 11, 12]
+    assert snapshot(store, w.opened.task_no, KEYS) == snapshots[12]
+    # No garbage: per key, at most one version at or below the oldest kept checkpoint, and
+    # no tombstone there (a tombstone below every kept checkpoint is the same as no row).
+    old = rows(path, "SELECT key, count(*), max(value IS NULL) FROM state WHERE seq <= 10 "
+                     "GROUP BY key")
+    assert all(count == 1 and not tomb for _, count, tomb in old)
+    store.close()
+
+
+@pytest.mark.parametrize("target", [10, 11, 12])
+def test_rewind_restores_the_exact_state_of_a_kept_checkpoint(tmp_path: Path,
+                                                              target: int) -> None:
+    """Rewinding to any kept checkpoint makes it the newest, with exactly its state."""
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path, keep_checkpoints=3)
+    w, snapshots = _history(store, 12)
+    store.close()
+    copy = tmp_path / "copy.db"
+    shutil.copy(path, copy)
+    store = SQLiteStore(copy, keep_checkpoints=3)
+    record = store.rewind(TASK, target)
+    assert record is not None and record.seq == target
+    opened = store.open_task(TASK)
+    assert opened.record == record
+    assert opened.epoch == w.opened.epoch + 2  # the rewind fences, then we opened
+    assert snapshot(store, opened.task_no, KEYS) == snapshots[target]
+    assert rows(copy, "SELECT from_seq, to_seq FROM rewinds") == [(12, target)]
+    store.close()
+
+
+def test_rewind_to_the_beginning_forgets_everything(tmp_path: Path) -> None:
+    """Rewind to seq 0 leaves a task with no checkpoint and no state."""
+    store = SQLiteStore(tmp_path / "s.db", keep_checkpoints=3)
+    _history(store, 5)
+    assert store.rewind(TASK, 0) is None
+    opened = store.open_task(TASK)
+    assert opened.record is None
+    assert snapshot(store, opened.task_no, KEYS) == {}
+    store.close()
+
+
+def test_rewind_refuses_unknown_tasks_and_pruned_checkpoints(tmp_path: Path) -> None:
+    """Rewind names what to pick when the task or checkpoint does not exist."""
+    store = SQLiteStore(tmp_path / "s.db", keep_checkpoints=3)
+    _history(store, 6)
+    with pytest.raises(ConfigurationError, match="checkpoints list"):
+        store.rewind(TASK, 2)
+    with pytest.raises(ConfigurationError, match="no task"):
+        store.rewind("nope:x:0", 1)
+    assert [seq for seq, _ in store.records(TASK)] == [4, 5, 6]
+    store.close()
