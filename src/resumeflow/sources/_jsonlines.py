@@ -74,7 +74,9 @@ class _FileReader:
         used = len(buf) - len(rest)
         self._buf = rest
         self.position = start + used
-        if b"" in lines:
+        if not all(map(bytes.strip, lines)):
+            # Blank lines, whitespace-only ones included, are skipped: exactly the lines
+            # ``_locate`` skips, so a record's index maps to its own byte offset.
             lines = [line for line in lines if line.strip()]
         return Batch(items=lines, start=start, end=self.position,
                      locate=lambda i: _locate(buf, used, start, i))
