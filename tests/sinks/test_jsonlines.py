@@ -1,0 +1,243 @@
+"""JsonLinesSink: staged per checkpoint, finalized idempotently, cut back on recovery."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from resumeflow._faults import installed
+from resumeflow.errors import ConfigurationError, DataError
+from resumeflow.sinks import JsonLinesSink, SinkContext, Stdout
+
+
+def ctx(*, keyed: bool = True, guarantee: Any = "exactly-once", partition: str = "0",
+        partitions: int = 1) -> SinkContext:
+    return SinkContext(sink_id="out", task=f"f:s:{partition}", partition=partition,
+                       partitions=partitions, keyed=keyed, guarantee=guarantee,
+                       store_path=None)
+
+
+def lines(path: Path) -> list[Any]:
+    return [json.loads(line) for line in path.read_bytes().splitlines()]
+
+
+class Crash(BaseException):
+    """Stands for the process dying at a crash point."""
+
+
+def crash_at(name: str) -> Any:
+    def hook(point: str) -> None:
+        if point == name:
+            raise Crash(point)
+    return hook
+
+
+def test_output_is_invisible_until_finalize(tmp_path: Path) -> None:
+    """Pre-commit stages the buffer; the file changes only at finalize."""
+    out = tmp_path / "out.jsonl"
+    w = JsonLinesSink(out).open(ctx())
+    w.buffer.extend([("a", 1), ("b", 2)])
+    pre = w.precommit(1)
+    assert out.read_bytes() == b""
+    assert pre.staged is not None and pre.meta == {"file": str(out), "base": 0,
+                                                   "end": len(pre.staged.payload)}
+    assert w.buffer == []
+    w.finalize(1)
+    assert lines(out) == [{"key": "a", "value": 1}, {"key": "b", "value": 2}]
+    assert w.releasable() == 1
+    w.close()
+
+
+def test_finalize_is_idempotent(tmp_path: Path) -> None:
+    """Finalizing a checkpoint again, in process or through recovery, appends nothing."""
+    out = tmp_path / "out.jsonl"
+    w = JsonLinesSink(out).open(ctx())
+    w.buffer.append(("a", 1))
+    pre = w.precommit(1)
+    w.finalize(1)
+    w.finalize(1)
+    w.close()
+    assert pre.staged is not None and pre.meta is not None
+    again = JsonLinesSink(out).open(ctx())
+    again.recover(pre.meta, [pre.staged])
+    again.recover(pre.meta, [pre.staged])
+    again.close()
+    assert lines(out) == [{"key": "a", "value": 1}]
+
+
+def test_recovery_finalizes_a_checkpoint_that_was_never_appended(tmp_path: Path) -> None:
+    """A crash after the commit point and before finalize is completed by recovery."""
+    out = tmp_path / "out.jsonl"
+    w = JsonLinesSink(out).open(ctx())
+    w.buffer.append(("a", 1))
+    first = w.precommit(1)
+    w.finalize(1)
+    w.buffer.append(("a", 2))
+    second = w.precommit(2)  # committed, then the process died before finalize(2)
+    w.close()
+    assert second.staged is not None and second.meta is not None
+    again = JsonLinesSink(out).open(ctx())
+    again.recover(second.meta, [second.staged])
+    assert lines(out) == [{"key": "a", "value": 1}, {"key": "a", "value": 2}]
+    assert again.releasable() == 2
+    # The next checkpoint appends after the recovered output.
+    again.buffer.append(("a", 3))
+    third = again.precommit(3)
+    assert third.meta is not None and third.meta["base"] == second.meta["end"]
+    again.finalize(3)
+    again.close()
+    assert [x["value"] for x in lines(out)] == [1, 2, 3]
+    assert first.meta is not None
+
+
+def test_half_done_append_is_cut_back_and_redone(tmp_path: Path) -> None:
+    """A crash half-way through an append leaves a torn line that recovery replaces."""
+    out = tmp_path / "out.jsonl"
+    w = JsonLinesSink(out).open(ctx())
+    w.buffer.append(("a", 1))
+    w.precommit(1)
+    w.finalize(1)
+    w.buffer.extend([("b", i) for i in range(100)])
+    pre = w.precommit(2)
+    with installed(crash_at("sink.finalize.partial")), pytest.raises(Crash):
+        w.finalize(2)
+    w.close()
+    assert pre.staged is not None and pre.meta is not None
+    torn = out.stat().st_size
+    assert pre.meta["base"] < torn < pre.meta["end"]
+    again = JsonLinesSink(out).open(ctx())
+    again.recover(pre.meta, [pre.staged])
+    again.close()
+    assert lines(out) == [{"key": "a", "value": 1}] + [{"key": "b", "value": i}
+                                                       for i in range(100)]
+
+
+def test_recovery_during_a_torn_append_is_itself_recoverable(tmp_path: Path) -> None:
+    """A second crash during recovery's own append is repaired by the next recovery."""
+    out = tmp_path / "out.jsonl"
+    w = JsonLinesSink(out).open(ctx())
+    w.buffer.extend([("b", i) for i in range(50)])
+    pre = w.precommit(1)
+    w.close()
+    assert pre.staged is not None and pre.meta is not None
+    for _ in range(2):
+        crashed = JsonLinesSink(out).open(ctx())
+        with installed(crash_at("sink.finalize.partial")), pytest.raises(Crash):
+            crashed.recover(pre.meta, [pre.staged])
+        crashed.close()
+    again = JsonLinesSink(out).open(ctx())
+    again.recover(pre.meta, [pre.staged])
+    again.close()
+    assert lines(out) == [{"key": "b", "value": i} for i in range(50)]
+
+
+def test_recovery_truncates_output_written_after_the_resumed_checkpoint(tmp_path: Path) -> None:
+    """Bytes beyond the resumed checkpoint's end (a checkpoint the store lost) are cut."""
+    out = tmp_path / "out.jsonl"
+    w = JsonLinesSink(out).open(ctx())
+    w.buffer.append(("a", 1))
+    kept = w.precommit(1)
+    w.finalize(1)
+    w.buffer.append(("a", 2))
+    w.precommit(2)
+    w.finalize(2)  # the store later falls back to checkpoint 1 (or is rewound to it)
+    w.close()
+    assert kept.meta is not None
+    again = JsonLinesSink(out).open(ctx())
+    again.recover(kept.meta, [])
+    again.close()
+    assert lines(out) == [{"key": "a", "value": 1}]
+
+
+def test_recovery_refuses_a_file_shorter_than_the_checkpoint(tmp_path: Path) -> None:
+    """An output file cut outside resumeflow is a DataError, not silently accepted."""
+    out = tmp_path / "out.jsonl"
+    w = JsonLinesSink(out).open(ctx())
+    w.buffer.append(("a", 1))
+    pre = w.precommit(1)
+    w.finalize(1)
+    w.close()
+    out.write_bytes(b"")
+    assert pre.meta is not None
+    again = JsonLinesSink(out).open(ctx())
+    with pytest.raises(DataError, match="truncated outside resumeflow"):
+        again.recover(pre.meta, [])
+    again.close()
+
+
+def test_existing_output_without_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    """Output that no checkpoint of this store wrote is not appended to silently."""
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"stale":true}\n')
+    w = JsonLinesSink(out).open(ctx())
+    with pytest.raises(ConfigurationError, match="move the file away"):
+        w.recover(None, [])
+    w.close()
+
+
+def test_at_least_once_appends_at_precommit(tmp_path: Path) -> None:
+    """Under at-least-once the output is written before the commit point."""
+    out = tmp_path / "out.jsonl"
+    w = JsonLinesSink(out).open(ctx(guarantee="at-least-once"))
+    w.recover(None, [])
+    w.buffer.append(("a", 1))
+    pre = w.precommit(1)
+    assert pre.staged is None
+    assert lines(out) == [{"key": "a", "value": 1}]
+    w.close()
+    again = JsonLinesSink(out).open(ctx(guarantee="at-least-once"))
+    again.recover(pre.meta, [])
+    again.buffer.append(("a", 1))  # the replayed record
+    again.precommit(1)
+    again.close()
+    assert lines(out) == [{"key": "a", "value": 1}] * 2
+
+
+def test_value_only_and_unkeyed_output(tmp_path: Path) -> None:
+    """``with_key=False`` writes values only; unkeyed streams write items as they are."""
+    w = JsonLinesSink(tmp_path / "v.jsonl", with_key=False).open(ctx())
+    w.buffer.append(("a", {"total": 1}))
+    w.precommit(1)
+    w.finalize(1)
+    w.close()
+    assert lines(tmp_path / "v.jsonl") == [{"total": 1}]
+    u = JsonLinesSink(tmp_path / "u.jsonl").open(ctx(keyed=False))
+    u.buffer.append([1, "x"])
+    u.precommit(1)
+    u.finalize(1)
+    u.close()
+    assert lines(tmp_path / "u.jsonl") == [[1, "x"]]
+
+
+def test_one_file_per_partition(tmp_path: Path) -> None:
+    """Several partitions need ``{partition}`` in the path; each task gets its own file."""
+    with pytest.raises(ConfigurationError, match=r"\{partition\}"):
+        JsonLinesSink(tmp_path / "out.jsonl").open(ctx(partitions=2))
+    sink = JsonLinesSink(str(tmp_path / "out" / "{partition}.jsonl"))
+    w = sink.open(ctx(partition="a/b.jsonl", partitions=2))
+    assert w.path == tmp_path / "out" / "a_b.jsonl.jsonl"
+    w.close()
+
+
+def test_output_that_is_not_json_is_a_data_error(tmp_path: Path) -> None:
+    """An item JSON cannot encode fails at pre-commit with advice."""
+    w = JsonLinesSink(tmp_path / "out.jsonl").open(ctx())
+    w.buffer.append(("a", object()))
+    with pytest.raises(DataError, match="not JSON-serializable"):
+        w.precommit(1)
+    w.close()
+
+
+def test_stdout_prints_at_precommit() -> None:
+    """Stdout is at-least-once: lines are printed and flushed at pre-commit."""
+    stream = io.StringIO()
+    w = Stdout(stream).open(ctx())
+    w.buffer.extend([("a", 1), ("b", 2)])
+    pre = w.precommit(1)
+    assert pre.staged is None and pre.in_store is None
+    assert stream.getvalue() == '{"key":"a","value":1}\n{"key":"b","value":2}\n'
+    assert w.buffer == []
