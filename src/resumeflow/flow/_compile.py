@@ -42,17 +42,26 @@ def _bind(op: Operator, nxt: Emit, keyed: bool, states: dict[str, KeyedState],
     if op.kind == "key_by":
         if keyed:
             def rekey(item: Any) -> None:
-                nxt((fn(item[1]), item[1]))
+                key = fn(item[1])
+                nxt((_hashable(key) if type(key) is list else key, item[1]))
             return rekey
 
         def key_by(value: Any) -> None:
-            nxt((fn(value), value))
+            key = fn(value)
+            nxt((_hashable(key) if type(key) is list else key, value))
         return key_by
     if op.kind in ("reduce", "stateful_map"):
         return _bind_stateful(op, nxt, states[op.name], undo)
     if keyed:
         return _bind_keyed(op.kind, fn, nxt)
     return _bind_plain(op.kind, fn, nxt)
+
+
+def _hashable(key: Any) -> Any:
+    """A list key as a tuple (same JSON, same encoded state key), so it can index hot state."""
+    if isinstance(key, list):
+        return tuple(_hashable(k) for k in key)
+    return key
 
 
 def _bind_plain(kind: str, fn: Callable[[Any], Any], nxt: Emit) -> Emit:
