@@ -1,10 +1,11 @@
-"""SQLite store: commit records, versioned keyed state and staged output in one database.
+"""SQLite store: commit records, keyed state and staged output in one database.
 
 SQLite runs in WAL mode with ``synchronous=FULL``: once ``commit()`` returns, the commit
 record, the state delta of its ``seq`` and the staged sink output are durable together; a
-crash before that leaves none of them. State rows are versioned by ``seq`` and the versions
-that the last ``keep_checkpoints`` records need are kept, so falling back from a corrupt record
-or rewinding to a retained one restores the exact state of that checkpoint.
+crash before that leaves none of them. State is a compacted table overlaid with one delta per
+checkpoint (see ``_sqlite_state``); the deltas of the last ``keep_checkpoints`` records are
+kept, so falling back from a corrupt record or rewinding to a kept one restores the exact
+state of that checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ from ..errors import (
     invariant,
 )
 from ._record import SCHEMA_VERSION, CommitRecord, decode_record, encode_record
+from ._sqlite_state import (
+    MAX_TAIL_DELTAS,
+    Compactor,
+    RecentDeltas,
+    compact,
+    encode_delta,
+    prune_history,
+    roll_back_runs_after,
+)
 from ._store import InStoreWrite, OpenedTask, StagedEntry, TaskStatus
 
 __all__ = ["SQLiteStore"]
@@ -38,7 +48,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     task_no INTEGER PRIMARY KEY,
     task TEXT NOT NULL UNIQUE,
     epoch INTEGER NOT NULL,
-    last_seq INTEGER NOT NULL
+    last_seq INTEGER NOT NULL,
+    compacted_seq INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS commits (
     task_no INTEGER NOT NULL,
@@ -47,14 +58,26 @@ CREATE TABLE IF NOT EXISTS commits (
     record BLOB NOT NULL,
     PRIMARY KEY (task_no, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS deltas (
+    task_no INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    delta BLOB NOT NULL,
+    PRIMARY KEY (task_no, seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS state (
     task_no INTEGER NOT NULL,
     key BLOB NOT NULL,
-    seq INTEGER NOT NULL,
-    value BLOB,
-    PRIMARY KEY (task_no, key, seq)
+    value BLOB NOT NULL,
+    PRIMARY KEY (task_no, key)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS state_by_seq ON state (task_no, seq);
+CREATE TABLE IF NOT EXISTS undo (
+    task_no INTEGER NOT NULL,
+    to_seq INTEGER NOT NULL,
+    chunk INTEGER NOT NULL,
+    from_seq INTEGER NOT NULL,
+    images BLOB NOT NULL,
+    PRIMARY KEY (task_no, to_seq, chunk)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS staged (
     task_no INTEGER NOT NULL,
     sink TEXT NOT NULL,
@@ -83,7 +106,7 @@ class SQLiteStore:
 
     Args:
         path: database file, created if missing.
-        keep_checkpoints: how many newest commit records (and the state versions they need)
+        keep_checkpoints: how many newest commit records (and the state deltas they need)
             each task keeps for fallback and rewind; at least 2.
         create: create the database when missing; ``False`` for read-only tools.
     """
@@ -100,6 +123,9 @@ class SQLiteStore:
         self.rows_read = 0
         """Rows read by ``open_task`` and ``load_state`` since the store opened."""
         self._lock = threading.Lock()
+        self._recent = RecentDeltas()
+        self._compacted = threading.Condition()
+        self._compactor = Compactor(self.path, self._recent, self._notify_compacted)
         if not create and not self.path.exists():
             raise ConfigurationError(
                 f"no store at {str(self.path)!r}; pass the --store path a pipeline ran with"
@@ -177,9 +203,17 @@ class SQLiteStore:
             "SELECT task_no, epoch, last_seq FROM tasks WHERE task = ?", (task,)
         ).fetchone()
         epoch += 1
+        self._recent.forget(task_no)
+        compacted = db.execute("SELECT compacted_seq FROM tasks WHERE task_no = ?",
+                               (task_no,)).fetchone()[0]
+        if roll_back_runs_after(db, task_no, compacted):
+            log.info("task #%d: rolled back a compaction interrupted by a crash", task_no)
         record, discarded = self._newest_valid(db, task_no, last_seq)
         good_seq = record.seq if record is not None else 0
-        if discarded:
+        if record is None and (discarded or last_seq > 0):
+            self._forget_task_state(db, task_no)
+        elif discarded:
+            roll_back_runs_after(db, task_no, good_seq)
             self._discard_after(db, task_no, good_seq)
         db.execute(
             "UPDATE tasks SET epoch = ?, last_seq = ? WHERE task_no = ?",
@@ -228,21 +262,36 @@ class SQLiteStore:
         return None, discarded
 
     def _discard_after(self, db: sqlite3.Connection, task_no: int, seq: int) -> None:
+        compacted = db.execute("SELECT compacted_seq FROM tasks WHERE task_no = ?",
+                               (task_no,)).fetchone()[0]
+        invariant(seq >= compacted,
+                  f"task #{task_no}: going back to seq {seq} below compacted seq {compacted}")
         db.execute("DELETE FROM commits WHERE task_no = ? AND seq > ?", (task_no, seq))
-        db.execute("DELETE FROM state WHERE task_no = ? AND seq > ?", (task_no, seq))
+        db.execute("DELETE FROM deltas WHERE task_no = ? AND seq > ?", (task_no, seq))
         db.execute("DELETE FROM staged WHERE task_no = ? AND seq > ?", (task_no, seq))
+
+    def _forget_task_state(self, db: sqlite3.Connection, task_no: int) -> None:
+        for table in ("commits", "deltas", "state", "undo", "staged"):
+            db.execute(f"DELETE FROM {table} WHERE task_no = ?", (task_no,))
+        db.execute("UPDATE tasks SET compacted_seq = 0, last_seq = 0 WHERE task_no = ?",
+                   (task_no,))
 
     # -- state -----------------------------------------------------------------------------
 
     def load_state(self, task_no: int, key: bytes) -> bytes | None:
+        recent = self._recent.get(task_no)
+        if recent is None:
+            with self._lock:
+                recent, rows = self._recent.build(self.connection, task_no)
+            self.rows_read += rows
+        hit = recent.get(key)
+        if hit is not None:
+            return hit[1]
         row = self.connection.execute(
-            "SELECT value FROM state WHERE task_no = ? AND key = ? ORDER BY seq DESC LIMIT 1",
-            (task_no, key),
+            "SELECT value FROM state WHERE task_no = ? AND key = ?", (task_no, key)
         ).fetchone()
         self.rows_read += 1
-        if row is None or row[0] is None:
-            return None
-        return bytes(row[0])
+        return None if row is None else bytes(row[0])
 
     # -- the commit point ------------------------------------------------------------------
 
@@ -270,6 +319,28 @@ class SQLiteStore:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+            if delta:
+                self._recent.add(opened.task_no, record.seq, delta)
+                self._compactor.request(opened.task_no, opened.epoch)
+        self._bound_tail(opened)
+
+    def _bound_tail(self, opened: OpenedTask) -> None:
+        """Wait for the compactor while a task's uncompacted tail is too long (back-pressure
+        that keeps recovery's cold reads short)."""
+        while True:
+            with self._lock:
+                compacted, last, epoch = self.connection.execute(
+                    "SELECT compacted_seq, last_seq, epoch FROM tasks WHERE task_no = ?",
+                    (opened.task_no,)).fetchone()
+            if last - compacted <= MAX_TAIL_DELTAS or epoch != opened.epoch:
+                return
+            with self._compacted:
+                self._compactor.request(opened.task_no, opened.epoch)
+                self._compacted.wait(timeout=1.0)
+
+    def _notify_compacted(self) -> None:
+        with self._compacted:
+            self._compacted.notify_all()
 
     def _check_owner(self, db: sqlite3.Connection, opened: OpenedTask,
                      record: CommitRecord) -> None:
@@ -290,10 +361,7 @@ class SQLiteStore:
                release: Sequence[tuple[str, int]], in_store: Sequence[InStoreWrite]) -> None:
         seq = record.seq
         if delta:
-            db.executemany(
-                "INSERT OR REPLACE INTO state (task_no, key, seq, value) VALUES (?, ?, ?, ?)",
-                [(task_no, key, seq, value) for key, value in delta],
-            )
+            db.execute("INSERT INTO deltas VALUES (?, ?, ?)", (task_no, seq, encode_delta(delta)))
         for sink, upto in release:
             db.execute("DELETE FROM staged WHERE task_no = ? AND sink = ? AND seq <= ?",
                        (task_no, sink, upto))
@@ -309,27 +377,23 @@ class SQLiteStore:
         self._prune(db, task_no, seq)
 
     def _prune(self, db: sqlite3.Connection, task_no: int, seq: int) -> None:
-        """Drop records older than the kept window and the state versions only they needed."""
+        """Drop records older than the kept window and the history only they needed."""
         oldest_kept = seq - self.keep_checkpoints + 1
-        if oldest_kept <= 1:
-            return
-        dropped = db.execute(
-            "SELECT seq FROM commits WHERE task_no = ? AND seq < ?", (task_no, oldest_kept)
-        ).fetchall()
-        if not dropped:
-            return
-        db.execute("DELETE FROM commits WHERE task_no = ? AND seq < ?", (task_no, oldest_kept))
-        # A version below the oldest kept checkpoint is garbage once a newer version at or
-        # below it exists; tombstones at or below it are garbage too.
-        low = min(s for (s,) in dropped) + 1
-        for s in range(low, oldest_kept + 1):
-            db.execute(
-                "DELETE FROM state WHERE task_no = ?1 AND seq < ?2 AND key IN "
-                "(SELECT key FROM state WHERE task_no = ?1 AND seq = ?2)",
-                (task_no, s),
-            )
-            db.execute("DELETE FROM state WHERE task_no = ? AND seq = ? AND value IS NULL",
-                       (task_no, s))
+        if oldest_kept > 1:
+            db.execute("DELETE FROM commits WHERE task_no = ? AND seq < ?", (task_no, oldest_kept))
+            prune_history(db, task_no, oldest_kept)
+
+    def compact(self, task: str | None = None) -> int:
+        """Compact now, in the caller's thread (tools and tests); returns the runs done."""
+        done = 0
+        with self._lock:
+            db = self.connection
+            rows = db.execute(
+                "SELECT task_no, epoch FROM tasks" + (" WHERE task = ?" if task else ""),
+                (task,) if task else ()).fetchall()
+            for task_no, epoch in rows:
+                done += compact(db, task_no, epoch, self._recent)
+        return done
 
     # -- inspection and tools --------------------------------------------------------------
 
@@ -390,10 +454,11 @@ class SQLiteStore:
                             f"task {task!r} keeps no checkpoint seq {seq}; pick one listed by "
                             "`resumeflow checkpoints list`")
                     target = decode_record(bytes(raw[0]))
+                    roll_back_runs_after(db, task_no, seq)
+                    self._discard_after(db, task_no, seq)
                 else:
-                    db.execute("DELETE FROM state WHERE task_no = ?", (task_no,))
-                    db.execute("DELETE FROM staged WHERE task_no = ?", (task_no,))
-                self._discard_after(db, task_no, seq)
+                    self._forget_task_state(db, task_no)
+                self._recent.forget(task_no)
                 db.execute("UPDATE tasks SET last_seq = ?, epoch = epoch + 1 WHERE task_no = ?",
                            (seq, task_no))
                 db.execute("INSERT INTO rewinds VALUES (?, ?, ?, strftime('%s','now'))",
@@ -406,6 +471,7 @@ class SQLiteStore:
         return target
 
     def close(self) -> None:
+        self._compactor.close()
         with self._lock:
             if self._db is not None:
                 self._db.close()

@@ -20,7 +20,13 @@ from typing import Any
 
 from .._faults import crash_point
 from ..checkpoint import GENESIS_DIGEST, CommitRecord, OpenedTask, StagedEntry, Store, make_record
-from ..errors import invariant
+from ..errors import (
+    CorruptCheckpointError,
+    FencedError,
+    InternalError,
+    UnavailableError,
+    invariant,
+)
 from ..flow import Flow, build_chain, rollback
 from ..flow._compile import Undo
 from ..sinks import Precommit, Sink, SinkContext, SinkWriter
@@ -35,6 +41,9 @@ log = logging.getLogger("resumeflow.runtime")
 
 OUT = "out"
 DEAD = "dead"
+
+_NOT_USER_ERRORS = (UnavailableError, CorruptCheckpointError, FencedError, InternalError)
+"""Failures of the store or of resumeflow itself: they restart the task, never dead-letter."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +102,8 @@ class TaskRunner:
         self.window_events = 0
         self.window_started: float | None = None
         self.records_replayed = 0
+        self.records_redelivered = 0
+        """Records the source delivered again below the position, dropped unprocessed."""
         self.first_record_s: float | None = None
         self._opened_at = 0.0
         self._batch_size = min(256, config.batch_max_records)
@@ -113,6 +124,7 @@ class TaskRunner:
         self.writers = self._open_sinks(record)
         self.reader: SourceReader = self.source.open(
             self.partition, self.positions.get(self.partition), follow=self.config.follow)
+        self._next_position = self.reader.position
         emit = self.writers[OUT].buffer.append
         self._chain = build_chain(self.flow.operators, emit, self.states, self._undo)
         self._replay_until = self._replay_mark()
@@ -198,6 +210,10 @@ class TaskRunner:
         batch = self.reader.read(min(self._batch_size, room))
         if batch is None:
             return 0
+        if batch.start < self._next_position:
+            batch = self._drop_redelivered(batch)
+            if batch is None:
+                return 0
         began = self._clock()
         if self.window_started is None:
             self.window_started = began
@@ -207,6 +223,7 @@ class TaskRunner:
         self.stats["records_in"] = self.stats.get("records_in", 0) + n
         self._count_replayed(batch)
         self.positions[self.partition] = batch.end
+        self._next_position = batch.end
         if self._marks is not None:
             self._marks.write(self.opened.task_no, self.positions)
         now = self._clock()
@@ -215,6 +232,19 @@ class TaskRunner:
         self._adapt_batch(n, now - began)
         crash_point("batch.mid")
         return n
+
+    def _drop_redelivered(self, batch: Batch) -> Batch | None:
+        """Drop the records of ``batch`` below the task's position (an at-least-once source
+        delivered them again, or out of order); ``None`` when nothing new is left."""
+        items, expected = batch.items, self._next_position
+        if batch.end <= expected:
+            self.records_redelivered += len(items)
+            return None
+        skip = _count_before(batch, expected)
+        self.records_redelivered += skip
+        locate = batch.locate
+        return Batch(items=items[skip:], start=locate(skip) if skip < len(items) else batch.end,
+                     end=batch.end, locate=lambda i: locate(i + skip))
 
     def _adapt_batch(self, n: int, spent: float) -> None:
         """Keep one batch well inside the time bound, whatever a record costs."""
@@ -259,6 +289,8 @@ class TaskRunner:
                 if undo:
                     undo.clear()
                 i += 1
+        except _NOT_USER_ERRORS:
+            raise
         except Exception as exc:
             rollback(undo)
             del buffer[mark:]
@@ -283,6 +315,8 @@ class TaskRunner:
                 self._chain(self.source.decode(raw))
                 self._undo.clear()
                 return
+            except _NOT_USER_ERRORS:
+                raise
             except Exception as exc:
                 rollback(self._undo)
                 del buffer[mark:]

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._codec import decode, encode, encode_key
+from ..errors import CorruptCheckpointError, ResumeflowError, UnavailableError
 
 __all__ = ["MISSING", "KeyedState"]
 
@@ -59,10 +60,24 @@ class KeyedState:
         if key in self.dirty:
             return MISSING
         self.loads += 1
-        raw = self._load(self._prefix + encode_key(key))
+        try:
+            raw = self._load(self._prefix + encode_key(key))
+        except ResumeflowError:
+            raise
+        except Exception as exc:
+            raise UnavailableError(
+                f"reading the state of key {key!r} failed: {exc}; the task restarts from its "
+                "last checkpoint"
+            ) from exc
         if raw is None:
             return MISSING
-        value = decode(raw)
+        try:
+            value = decode(raw)
+        except Exception as exc:
+            raise CorruptCheckpointError(
+                f"stored state of key {key!r} cannot be decoded ({exc}); restore the store or "
+                "rewind the task"
+            ) from exc
         self.values[key] = value
         return value
 

@@ -1,0 +1,286 @@
+"""Keyed state in SQLite: a delta blob per checkpoint, indexed into rows in the background.
+
+A checkpoint writes its changed keys as one encoded blob in ``deltas`` inside the commit
+transaction, so a commit costs in proportion to the keys changed, never to the state. A
+background compactor then applies the deltas after ``tasks.compacted_seq`` to the ``state``
+table (one row per key: O(1) cold reads), writing the values it overwrites as ``undo`` images
+in the same transactions. So:
+
+* the state of the newest checkpoint is the table overlaid with the uncompacted deltas (a
+  short tail: the compactor follows the commits, and commits wait for it past
+  ``MAX_TAIL_DELTAS``);
+* any kept checkpoint ``S`` is restored exactly by rolling back the compaction runs that end
+  after ``S`` (newest first) and discarding the deltas after ``S`` (fallback and rewind);
+* a compaction interrupted half-way is rolled back when the task is next opened, and a
+  compactor whose task has a newer epoch stops before its next write (a zombie cannot touch
+  the new owner's state).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import msgspec
+
+__all__ = [
+    "MAX_TAIL_DELTAS",
+    "Compactor",
+    "RecentDeltas",
+    "compact",
+    "decode_delta",
+    "encode_delta",
+    "prune_history",
+    "roll_back_runs_after",
+]
+
+log = logging.getLogger("resumeflow.store")
+
+MAX_TAIL_DELTAS = 32
+"""Uncompacted deltas a task may have before a commit waits for the compactor."""
+
+_CHUNK_KEYS = 2000
+
+Delta = list[tuple[bytes, bytes | None]]
+
+_encode = msgspec.msgpack.Encoder().encode
+_decoder = msgspec.msgpack.Decoder(list[tuple[bytes, bytes | None]])
+
+
+def encode_delta(delta: Sequence[tuple[bytes, bytes | None]]) -> bytes:
+    """Encode changed keys (``None`` value: deleted) as one blob."""
+    return _encode(delta)
+
+
+def decode_delta(blob: bytes) -> Delta:
+    """Decode a delta or undo blob; raises ``msgspec.DecodeError`` if it is damaged."""
+    return _decoder.decode(blob)
+
+
+class RecentDeltas:
+    """Per task, the newest value of every key changed in an uncompacted delta.
+
+    Built on the first cold read after a task opens from the uncompacted tail (a handful of
+    rows, independent of the state size), kept current by commits, trimmed by compactions.
+    """
+
+    def __init__(self) -> None:
+        self._by_task: dict[int, dict[bytes, tuple[int, bytes | None]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, task_no: int) -> dict[bytes, tuple[int, bytes | None]] | None:
+        return self._by_task.get(task_no)
+
+    def build(self, db: sqlite3.Connection,
+              task_no: int) -> tuple[dict[bytes, tuple[int, bytes | None]], int]:
+        """Load the uncompacted deltas of a task; returns the map and the rows read."""
+        recent: dict[bytes, tuple[int, bytes | None]] = {}
+        rows = db.execute(
+            "SELECT d.seq, d.delta FROM deltas d JOIN tasks t ON t.task_no = d.task_no "
+            "WHERE d.task_no = ? AND d.seq > t.compacted_seq ORDER BY d.seq", (task_no,)
+        ).fetchall()
+        for seq, blob in rows:
+            for key, value in decode_delta(bytes(blob)):
+                recent[key] = (seq, value)
+        with self._lock:
+            self._by_task[task_no] = recent
+        return recent, len(rows)
+
+    def add(self, task_no: int, seq: int, delta: Sequence[tuple[bytes, bytes | None]]) -> None:
+        with self._lock:
+            recent = self._by_task.get(task_no)
+            if recent is not None:
+                for key, value in delta:
+                    recent[key] = (seq, value)
+
+    def forget(self, task_no: int) -> None:
+        with self._lock:
+            self._by_task.pop(task_no, None)
+
+    def trim(self, task_no: int, upto: int) -> None:
+        """Drop entries now in the table (their delta seq is at or below ``upto``)."""
+        with self._lock:
+            recent = self._by_task.get(task_no)
+            if recent is not None:
+                for key in [k for k, (seq, _) in recent.items() if seq <= upto]:
+                    del recent[key]
+
+
+def _tail(db: sqlite3.Connection, task_no: int) -> tuple[int, int, int]:
+    epoch, compacted, last = db.execute(
+        "SELECT epoch, compacted_seq, last_seq FROM tasks WHERE task_no = ?", (task_no,)
+    ).fetchone()
+    return int(epoch), int(compacted), int(last)
+
+
+def compact(db: sqlite3.Connection, task_no: int, epoch: int, recent: RecentDeltas) -> bool:
+    """Apply the uncompacted deltas of a task to its rows; False if there was nothing to do
+    or the task moved to another epoch (then nothing more is written)."""
+    db.execute("BEGIN")
+    try:
+        current, since, upto = _tail(db, task_no)
+        merged: dict[bytes, bytes | None] = {}
+        if current == epoch and upto > since:
+            for (blob,) in db.execute(
+                "SELECT delta FROM deltas WHERE task_no = ? AND seq > ? AND seq <= ? "
+                "ORDER BY seq", (task_no, since, upto)):
+                merged.update(decode_delta(bytes(blob)))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    if current != epoch or upto <= since:
+        return False
+    keys = sorted(merged)
+    for chunk_no, start in enumerate(range(0, len(keys), _CHUNK_KEYS)):
+        chunk = keys[start:start + _CHUNK_KEYS]
+        if not _write_chunk(db, task_no, epoch, since, upto, chunk_no, chunk, merged):
+            return False
+    return _finish(db, task_no, epoch, since, upto, recent)
+
+
+def _owned(db: sqlite3.Connection, task_no: int, epoch: int, since: int) -> bool:
+    current, compacted, _ = _tail(db, task_no)
+    return current == epoch and compacted == since
+
+
+def _write_chunk(db: sqlite3.Connection, task_no: int, epoch: int, since: int, upto: int,
+                 chunk_no: int, chunk: list[bytes], merged: dict[bytes, bytes | None]) -> bool:
+    """Overwrite one chunk of rows, saving the values it replaces, in one transaction."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if not _owned(db, task_no, epoch, since):
+            db.execute("ROLLBACK")
+            return False
+        marks = ",".join("?" * len(chunk))
+        before = dict(db.execute(
+            f"SELECT key, value FROM state WHERE task_no = ? AND key IN ({marks})",
+            (task_no, *chunk)).fetchall())
+        images = [(k, None if before.get(k) is None else bytes(before[k])) for k in chunk]
+        db.execute("INSERT INTO undo VALUES (?, ?, ?, ?, ?)",
+                   (task_no, upto, chunk_no, since, encode_delta(images)))
+        _apply(db, task_no, [(k, merged[k]) for k in chunk])
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return True
+
+
+def _finish(db: sqlite3.Connection, task_no: int, epoch: int, since: int, upto: int,
+            recent: RecentDeltas) -> bool:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if not _owned(db, task_no, epoch, since):
+            db.execute("ROLLBACK")
+            return False
+        db.execute("UPDATE tasks SET compacted_seq = ? WHERE task_no = ?", (upto, task_no))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    recent.trim(task_no, upto)
+    return True
+
+
+def _apply(db: sqlite3.Connection, task_no: int, items: list[tuple[bytes, bytes | None]]) -> None:
+    db.executemany(
+        "INSERT INTO state (task_no, key, value) VALUES (?, ?, ?) "
+        "ON CONFLICT (task_no, key) DO UPDATE SET value = excluded.value",
+        [(task_no, k, v) for k, v in items if v is not None])
+    db.executemany("DELETE FROM state WHERE task_no = ? AND key = ?",
+                   [(task_no, k) for k, v in items if v is None])
+
+
+def roll_back_runs_after(db: sqlite3.Connection, task_no: int, seq: int) -> int:
+    """Undo every compaction run that ends after ``seq``, newest first, inside the caller's
+    transaction; the table then holds the state at the oldest undone run's start. Returns
+    the runs undone."""
+    runs = db.execute(
+        "SELECT DISTINCT to_seq, from_seq FROM undo WHERE task_no = ? AND to_seq > ? "
+        "ORDER BY to_seq DESC", (task_no, seq)).fetchall()
+    for to_seq, _ in runs:
+        for (images,) in db.execute(
+            "SELECT images FROM undo WHERE task_no = ? AND to_seq = ? ORDER BY chunk",
+            (task_no, to_seq)).fetchall():
+            _apply(db, task_no, decode_delta(bytes(images)))
+    if runs:
+        oldest_start = min(int(from_seq) for _, from_seq in runs)
+        db.execute("DELETE FROM undo WHERE task_no = ? AND to_seq > ?", (task_no, seq))
+        db.execute("UPDATE tasks SET compacted_seq = ? WHERE task_no = ?",
+                   (oldest_start, task_no))
+    return len(runs)
+
+
+def prune_history(db: sqlite3.Connection, task_no: int, oldest_kept: int) -> None:
+    """Drop undo runs no kept checkpoint can need, then deltas no undo or lookup needs."""
+    db.execute("DELETE FROM undo WHERE task_no = ? AND to_seq <= ?", (task_no, oldest_kept))
+    floor = db.execute(
+        "SELECT min(from_seq) FROM undo WHERE task_no = ?", (task_no,)).fetchone()[0]
+    compacted = db.execute("SELECT compacted_seq FROM tasks WHERE task_no = ?",
+                           (task_no,)).fetchone()[0]
+    keep_after = min(int(floor), int(compacted)) if floor is not None else int(compacted)
+    db.execute("DELETE FROM deltas WHERE task_no = ? AND seq <= ?", (task_no, keep_after))
+
+
+class Compactor:
+    """Background thread that compacts tasks on request, one at a time, on its own connection.
+
+    Args:
+        path: the database file.
+        recent: the store's map of uncompacted keys (trimmed after each run).
+        on_done: called after each run (to wake commits waiting for the tail to shrink).
+    """
+
+    def __init__(self, path: Path, recent: RecentDeltas, on_done: Callable[[], None]) -> None:
+        self._path = path
+        self._recent = recent
+        self._on_done = on_done
+        self._queue: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._pending: set[int] = set()
+        self._thread: threading.Thread | None = None
+        self.runs = 0
+        self.failures = 0
+
+    def request(self, task_no: int, epoch: int) -> None:
+        """Ask for a compaction of ``task_no`` (coalesced while one is pending)."""
+        if task_no in self._pending:
+            return
+        self._pending.add(task_no)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="resumeflow-compactor",
+                                            daemon=True)
+            self._thread.start()
+        self._queue.put((task_no, epoch))
+
+    def close(self) -> None:
+        """Finish the run in progress and stop; uncompacted deltas stay readable."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        db = sqlite3.connect(self._path, isolation_level=None, timeout=60.0)
+        db.execute("PRAGMA synchronous=FULL")
+        try:
+            while (item := self._queue.get()) is not None:
+                task_no, epoch = item
+                self._pending.discard(task_no)
+                try:
+                    if compact(db, task_no, epoch, self._recent):
+                        self.runs += 1
+                except Exception:
+                    self.failures += 1
+                    log.exception("compaction of task #%d failed; its deltas stay readable",
+                                  task_no)
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                finally:
+                    self._on_done()
+        finally:
+            db.close()
