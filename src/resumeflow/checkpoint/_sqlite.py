@@ -28,6 +28,7 @@ from ..errors import (
 )
 from ._record import SCHEMA_VERSION, CommitRecord, decode_record, encode_record
 from ._sqlite_state import (
+    COMPACT_AFTER,
     MAX_TAIL_DELTAS,
     Compactor,
     RecentDeltas,
@@ -125,7 +126,8 @@ class SQLiteStore:
         self._lock = threading.Lock()
         self._recent = RecentDeltas()
         self._compacted = threading.Condition()
-        self._compactor = Compactor(self.path, self._recent, self._notify_compacted)
+        self._committed: dict[int, int] = {}
+        self._compactor = Compactor(self.path, self._recent, self._notify_compacted, self._lock)
         if not create and not self.path.exists():
             raise ConfigurationError(
                 f"no store at {str(self.path)!r}; pass the --store path a pipeline ran with"
@@ -321,8 +323,14 @@ class SQLiteStore:
                 raise
             if delta:
                 self._recent.add(opened.task_no, record.seq, delta)
-                self._compactor.request(opened.task_no, opened.epoch)
-        self._bound_tail(opened)
+            compacted = db.execute("SELECT compacted_seq FROM tasks WHERE task_no = ?",
+                                   (opened.task_no,)).fetchone()[0]
+        self._committed[opened.task_no] = opened.epoch
+        tail = record.seq - compacted
+        if tail >= COMPACT_AFTER:
+            self._compactor.request(opened.task_no, opened.epoch)
+        if tail > MAX_TAIL_DELTAS:
+            self._bound_tail(opened)
 
     def _bound_tail(self, opened: OpenedTask) -> None:
         """Wait for the compactor while a task's uncompacted tail is too long (back-pressure
@@ -471,6 +479,9 @@ class SQLiteStore:
         return target
 
     def close(self) -> None:
+        """Compact what this store committed (a clean restart then reads no delta), close."""
+        for task_no, epoch in self._committed.items():
+            self._compactor.request(task_no, epoch)
         self._compactor.close()
         with self._lock:
             if self._db is not None:

@@ -28,6 +28,7 @@ from pathlib import Path
 import msgspec
 
 __all__ = [
+    "COMPACT_AFTER",
     "MAX_TAIL_DELTAS",
     "Compactor",
     "RecentDeltas",
@@ -40,10 +41,14 @@ __all__ = [
 
 log = logging.getLogger("resumeflow.store")
 
+COMPACT_AFTER = 4
+"""Uncompacted deltas of a task that start a compaction (merging several deltas makes keys
+updated in every checkpoint cost one row write, not one per checkpoint)."""
+
 MAX_TAIL_DELTAS = 32
 """Uncompacted deltas a task may have before a commit waits for the compactor."""
 
-_CHUNK_KEYS = 2000
+_CHUNK_KEYS = 500
 
 Delta = list[tuple[bytes, bytes | None]]
 
@@ -117,7 +122,8 @@ def _tail(db: sqlite3.Connection, task_no: int) -> tuple[int, int, int]:
     return int(epoch), int(compacted), int(last)
 
 
-def compact(db: sqlite3.Connection, task_no: int, epoch: int, recent: RecentDeltas) -> bool:
+def compact(db: sqlite3.Connection, task_no: int, epoch: int, recent: RecentDeltas,
+            write_lock: threading.Lock | None = None) -> bool:
     """Apply the uncompacted deltas of a task to its rows; False if there was nothing to do
     or the task moved to another epoch (then nothing more is written)."""
     db.execute("BEGIN")
@@ -135,12 +141,15 @@ def compact(db: sqlite3.Connection, task_no: int, epoch: int, recent: RecentDelt
         raise
     if current != epoch or upto <= since:
         return False
+    lock = write_lock or threading.Lock()
     keys = sorted(merged)
     for chunk_no, start in enumerate(range(0, len(keys), _CHUNK_KEYS)):
         chunk = keys[start:start + _CHUNK_KEYS]
-        if not _write_chunk(db, task_no, epoch, since, upto, chunk_no, chunk, merged):
-            return False
-    return _finish(db, task_no, epoch, since, upto, recent)
+        with lock:  # short turns: a commit waits for one chunk at most
+            if not _write_chunk(db, task_no, epoch, since, upto, chunk_no, chunk, merged):
+                return False
+    with lock:
+        return _finish(db, task_no, epoch, since, upto, recent)
 
 
 def _owned(db: sqlite3.Connection, task_no: int, epoch: int, since: int) -> bool:
@@ -234,10 +243,14 @@ class Compactor:
         path: the database file.
         recent: the store's map of uncompacted keys (trimmed after each run).
         on_done: called after each run (to wake commits waiting for the tail to shrink).
+        write_lock: taken around each write transaction, shared with the store's commits so
+            they wait for one short chunk instead of polling SQLite's busy handler.
     """
 
-    def __init__(self, path: Path, recent: RecentDeltas, on_done: Callable[[], None]) -> None:
+    def __init__(self, path: Path, recent: RecentDeltas, on_done: Callable[[], None],
+                 write_lock: threading.Lock) -> None:
         self._path = path
+        self._write_lock = write_lock
         self._recent = recent
         self._on_done = on_done
         self._queue: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
@@ -272,7 +285,7 @@ class Compactor:
                 task_no, epoch = item
                 self._pending.discard(task_no)
                 try:
-                    if compact(db, task_no, epoch, self._recent):
+                    if compact(db, task_no, epoch, self._recent, self._write_lock):
                         self.runs += 1
                 except Exception:
                     self.failures += 1
