@@ -121,6 +121,8 @@ def read_table(path: Path, table: str = "totals") -> dict[Any, Any]:
 
 _PIPELINE = '''\
 """Example flow written by the test suite."""
+import time
+
 import resumeflow as rf
 
 EVENTS = {events!r}
@@ -129,18 +131,21 @@ STORE = {store!r}
 OUT = {out!r}
 OTHER_DB = {other_db!r}
 POISON_IDS = {poison_ids!r}
+PACE_EVERY = {pace_every!r}
 
 
 def check(event):
     if event["id"] in POISON_IDS:
         raise ValueError(f"poison event {{event['id']}}")
+    if PACE_EVERY and event["id"] % PACE_EVERY == 0:
+        time.sleep(0.01)  # keeps a run long enough for kills to land mid-way on any machine
     return event
 
 
 def flow():
     f = rf.Flow({name!r})
     stream = f.source(rf.sources.JsonLines(EVENTS))
-    if POISON_IDS:
+    if POISON_IDS or PACE_EVERY:
         stream = stream.map(check)
     stream = (stream.key_by(lambda e: e["customer"])
                     .reduce(lambda total, e: total + e["amount"], initial=0))
@@ -200,12 +205,17 @@ class Work:
         return flow
 
     def pipeline(self, events: EventFile, kind: str = "jsonl", *, name: str = "orders",
-                 poison_ids: tuple[int, ...] = ()) -> str:
-        """Write the example flow to ``pipeline.py``; returns the ``FILE.py:ATTR`` spec."""
+                 poison_ids: tuple[int, ...] = (), pace_every: int = 0) -> str:
+        """Write the example flow to ``pipeline.py``; returns the ``FILE.py:ATTR`` spec.
+
+        ``poison_ids``: events whose processing always raises. ``pace_every``: sleep 10 ms at
+        every event whose id is a multiple of it (a run then lasts a known minimum time).
+        """
         path = self.root / "pipeline.py"
         path.write_text(_PIPELINE.format(
             events=str(events.path), sink=kind, store=str(self.store), out=str(self.out),
-            other_db=str(self.other_db), poison_ids=set(poison_ids) or set(), name=name))
+            other_db=str(self.other_db), poison_ids=set(poison_ids) or set(), name=name,
+            pace_every=pace_every))
         return f"{path}:flow"
 
     def output(self, kind: str) -> Any:
