@@ -252,7 +252,10 @@ class TaskRunner:
             return
         per_record = spent / n
         budget = self.config.replay_max_seconds / 4
-        size = int(budget / per_record) if per_record > 0 else self.config.batch_max_records
+        if per_record <= 0 or budget / per_record >= self.config.batch_max_records:
+            size = self.config.batch_max_records
+        else:
+            size = int(budget / per_record)
         self._batch_size = max(1, min(self.config.batch_max_records, size))
 
     def _count_replayed(self, batch: Batch) -> None:
