@@ -35,6 +35,10 @@ class RunConfig:
             replay bound and by the measured cost of a record against ``replay_max_seconds``).
         dead_letter_path: JSON-lines file pattern for dead letters (``{partition}`` is
             replaced); default: next to the store.
+        restart_budget: restarts in a row of one task after transient failures (store or
+            sink unavailable) before the run fails; a successful commit resets the count.
+        restart_backoff_base_s: first wait before such a restart (full jitter, doubling).
+        restart_backoff_max_s: cap of that wait.
         seed: seed of the retry jitter (``None``: from the OS).
     """
 
@@ -50,6 +54,9 @@ class RunConfig:
     poll_interval_s: float = 0.05
     batch_max_records: int = 4096
     dead_letter_path: str | None = None
+    restart_budget: int = 10
+    restart_backoff_base_s: float = 0.1
+    restart_backoff_max_s: float = 5.0
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -71,6 +78,12 @@ class RunConfig:
         if self.retry_backoff_base_s < 0 or self.retry_backoff_max_s < self.retry_backoff_base_s:
             raise ConfigurationError(
                 "retry backoff must satisfy 0 <= retry_backoff_base_s <= retry_backoff_max_s"
+            )
+        if self.restart_budget < 0 or self.restart_backoff_base_s < 0 or \
+                self.restart_backoff_max_s < self.restart_backoff_base_s:
+            raise ConfigurationError(
+                "restarts must satisfy restart_budget >= 0 and "
+                "0 <= restart_backoff_base_s <= restart_backoff_max_s"
             )
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from .._faults import install_from_env
 from ..checkpoint import SQLiteStore, Store
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, UnavailableError
 from ..flow import Flow
 from ..sinks import JsonLinesSink, Sink
 from ._config import RunConfig
@@ -54,6 +54,7 @@ class RunSummary:
     commits: int = 0
     commit_s: list[float] = field(default_factory=list)
     dead_letters: int = 0
+    restarts: int = 0
     elapsed_s: float = 0.0
     time_to_first_record_s: float | None = None
     stopped_by: str | None = None
@@ -77,7 +78,8 @@ class Runtime:
     def __init__(self, flow: Flow, store: Store | str | Path, config: RunConfig | None = None,
                  *, dead_letters: Sink | None = None,
                  progress: Callable[[Progress], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         flow.validate()
         self.flow = flow
         self.config = config or RunConfig()
@@ -92,6 +94,11 @@ class Runtime:
         self._stop = threading.Event()
         self._stopped_by: str | None = None
         self.tasks: list[TaskRunner] = []
+        self._partitions: list[str] = []
+        self._marks: ProgressMarks | None = None
+        self._rng = random.Random(self.config.seed)
+        self._failures: dict[str, int] = {}
+        self._sleep = sleep
         install_from_env()
 
     def _default_dead_letters(self) -> Sink:
@@ -108,22 +115,54 @@ class Runtime:
     def open(self) -> list[Recovery]:
         """Take every task and recover it; logs one line per task."""
         partitions = self.flow.source_.partitions()
-        marks = None
+        self._partitions = partitions
         path = getattr(self.store, "path", None)
         if path is not None:
-            marks = ProgressMarks(Path(f"{path}.progress"))
-        rng = random.Random(self.config.seed)
+            self._marks = ProgressMarks(Path(f"{path}.progress"))
         recoveries = []
         for partition in partitions:
-            task = TaskRunner(flow=self.flow, partition=partition, partitions=len(partitions),
-                              store=self.store, config=self.config, dead_letters=self._dead,
-                              marks=marks, clock=self._clock, rng=rng,
-                              store_path=self._store_path)
+            task = self._make_task(partition)
             recovery = task.open()
             log.info("%s", recovery.line())
             self.tasks.append(task)
             recoveries.append(recovery)
         return recoveries
+
+    def _make_task(self, partition: str) -> TaskRunner:
+        return TaskRunner(flow=self.flow, partition=partition,
+                          partitions=len(self._partitions), store=self.store,
+                          config=self.config, dead_letters=self._dead, marks=self._marks,
+                          clock=self._clock, rng=self._rng, store_path=self._store_path)
+
+    def _restart(self, index: int, failure: UnavailableError, summary: RunSummary) -> None:
+        """Replace a task that hit a transient failure by a fresh one on its last checkpoint,
+        after a capped, fully jittered backoff; fails the run past ``restart_budget``."""
+        old = self.tasks[index]
+        try:
+            old.close()
+        except Exception:
+            log.exception("closing task %s after a failure failed", old.task_id)
+        while True:
+            count = self._failures.get(old.partition, 0) + 1
+            self._failures[old.partition] = count
+            if count > self.config.restart_budget:
+                raise failure
+            cap = min(self.config.restart_backoff_max_s,
+                      self.config.restart_backoff_base_s * 2 ** (count - 1))
+            delay = self._rng.uniform(0, cap)
+            summary.restarts += 1
+            log.warning("task %s: %s; restarting it from its last checkpoint in %.2f s "
+                        "(restart %d of at most %d in a row)", old.task_id, failure, delay,
+                        count, self.config.restart_budget)
+            self._sleep(delay)
+            task = self._make_task(old.partition)
+            try:
+                log.info("%s", task.open().line())
+            except UnavailableError as exc:
+                failure = exc
+                continue
+            self.tasks[index] = task
+            return
 
     def stop(self, reason: str = "stop requested") -> None:
         """Ask the run to finish its current batch, commit and return (thread-safe)."""
@@ -138,8 +177,10 @@ class Runtime:
         with self._signals():
             try:
                 summary.recoveries = self.open() if not self.tasks else []
-                self._loop(summary)
-                self._commit_all(summary, force=True)
+                while True:
+                    self._loop(summary)
+                    if self._commit_all(summary, force=True):
+                        break
             finally:
                 self._close()
         summary.elapsed_s = self._clock() - started
@@ -154,20 +195,25 @@ class Runtime:
         last_report = self._clock()
         while not self._stop.is_set():
             progressed = 0
-            for task in tasks:
-                n = task.step()
+            for index, task in enumerate(tasks):
+                try:
+                    n = task.step()
+                    if task.commit_due():
+                        self._commit(task, summary)
+                except UnavailableError as exc:
+                    self._restart(index, exc, summary)
+                    progressed += 1
+                    continue
                 progressed += n
                 summary.records_in += n
                 if n and not summary.records_in - n:
                     log.info("first records processed %.1f ms after the run started",
                              (self._clock() - self._run_started) * 1e3)
-                if task.commit_due():
-                    self._commit(task, summary)
             if not progressed:
                 if all(t.at_end for t in tasks):
                     return
                 self._commit_all(summary, force=False)
-                time.sleep(self.config.poll_interval_s)
+                self._sleep(self.config.poll_interval_s)
             if self._progress is not None and self._clock() - last_report >= 0.5:
                 last_report = self._clock()
                 self._report(summary, last_report)
@@ -178,12 +224,20 @@ class Runtime:
         summary.commit_s.append(self._clock() - began)
         summary.commits += 1
         self._last_commit = self._clock()
+        self._failures.pop(task.partition, None)
 
-    def _commit_all(self, summary: RunSummary, *, force: bool) -> None:
-        for task in self.tasks:
+    def _commit_all(self, summary: RunSummary, *, force: bool) -> bool:
+        """Commit the tasks that are due (all with ``force``); False if one had to restart."""
+        ok = True
+        for index, task in enumerate(self.tasks):
             if task.has_uncommitted() and (force or task.commit_due()):
-                self._commit(task, summary)
+                try:
+                    self._commit(task, summary)
+                except UnavailableError as exc:
+                    self._restart(index, exc, summary)
+                    ok = False
         summary.dead_letters = sum(t.stats.get("dead_letters", 0) for t in self.tasks)
+        return ok
 
     def _report(self, summary: RunSummary, now: float) -> None:
         assert self._progress is not None
