@@ -113,6 +113,13 @@ class _SQLiteTableWriter:
     def recover(self, meta: dict[str, Any] | None, staged: Sequence[StagedEntry]) -> None:
         for entry in staged:
             self._apply(entry.seq, entry.payload)
+        if self._db is not None:
+            # The task resumes from ``resumed``: after a fallback from a damaged record or a
+            # rewind, seqs above it are made again (covering other records) and must be
+            # applied, not skipped as done. Re-applying upserts in order is harmless.
+            resumed = int(meta.get("seq", 0)) if meta else 0
+            self._db.execute(f"UPDATE {_PROGRESS} SET seq = ? WHERE task = ? AND seq > ?",
+                             (resumed, self.ctx.task, resumed))
 
     def precommit(self, seq: int) -> Precommit:
         rows = self._rows() if self.buffer else []
@@ -129,11 +136,11 @@ class _SQLiteTableWriter:
 
             return Precommit(in_store=write)
         if not rows:
-            return Precommit()
+            return Precommit(meta={"seq": seq})
         payload = _encoder.encode(rows)
         self._pending[seq] = payload
-        return Precommit(staged=StagedEntry(sink=self.ctx.sink_id, seq=seq, meta={},
-                                            payload=payload))
+        return Precommit(meta={"seq": seq}, staged=StagedEntry(sink=self.ctx.sink_id, seq=seq,
+                                                               meta={}, payload=payload))
 
     def finalize(self, seq: int) -> None:
         payload = self._pending.pop(seq, None)
