@@ -85,9 +85,10 @@ def test_other_db_applies_each_seq_once(tmp_path: Path) -> None:
     w.finalize(2)
     w.close()
     assert first.staged is not None and second.staged is not None
+    assert second.meta == {"seq": 2}
     again = SQLiteTable(db, table="totals").open(ctx())
-    again.recover(None, [first.staged, second.staged])
-    again.recover(None, [first.staged])
+    again.recover(second.meta, [first.staged, second.staged])
+    again.recover(second.meta, [first.staged])
     again.close()
     assert table(db) == {"a": 2}
     progress = sqlite3.connect(db).execute(
@@ -105,9 +106,30 @@ def test_other_db_recovery_applies_a_committed_seq_never_applied(tmp_path: Path)
     assert table(db) == {}
     assert pre.staged is not None
     again = SQLiteTable(db, table="totals").open(ctx())
-    again.recover(None, [pre.staged])
+    again.recover(pre.meta, [pre.staged])
     again.close()
     assert table(db) == {"a": 1}
+
+
+def test_other_db_applies_seqs_made_again_after_a_fallback(tmp_path: Path) -> None:
+    """When the task resumes from an older checkpoint (damaged newer record, or rewind), the
+    seqs it makes again are applied even though the sink saw those numbers before."""
+    db = tmp_path / "o.db"
+    w = SQLiteTable(db, table="totals").open(ctx())
+    w.buffer.append(("a", 1))
+    first = w.precommit(1)
+    w.finalize(1)
+    w.buffer.append(("a", 2))
+    w.precommit(2)
+    w.finalize(2)  # the store later loses checkpoint 2 and resumes from checkpoint 1
+    w.close()
+    again = SQLiteTable(db, table="totals").open(ctx())
+    again.recover(first.meta, [])
+    again.buffer.extend([("a", 2), ("b", 7)])  # checkpoint 2, made again, covers more
+    again.precommit(2)
+    again.finalize(2)
+    again.close()
+    assert table(db) == {"a": 2, "b": 7}
 
 
 def test_other_db_crash_inside_apply_leaves_nothing(tmp_path: Path) -> None:
