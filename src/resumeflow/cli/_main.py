@@ -126,7 +126,8 @@ def run(flow_spec: str, store: str, guarantee: str, replay_max_events: int,
         f"resumeflow: {summary.records_in} records in {summary.elapsed_s:.2f} s "
         f"({summary.records_in / max(summary.elapsed_s, 1e-9):,.0f}/s), {summary.commits} "
         f"commits (median {summary.commit_p50_s * 1e3:.1f} ms), replayed "
-        f"{summary.records_replayed}, dead letters {summary.dead_letters}, first record after "
+        f"{summary.records_replayed}, dead letters {summary.dead_letters}, restarts "
+        f"{summary.restarts}, first record after "
         f"{'-' if first is None else f'{first * 1e3:.1f} ms'}, process time "
         f"{time.monotonic() - started:.2f} s"
         + (f"; stopped by {summary.stopped_by} after committing" if summary.stopped_by else "")
