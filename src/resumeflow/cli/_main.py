@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..checkpoint import SQLiteStore
@@ -27,8 +28,10 @@ from ._verify import verify_chain
 __all__ = ["load_flow", "main"]
 
 DEFAULT_STORE = "resumeflow.db"
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+# Task ids, paths and messages are printed as they are: no emoji codes (":x:" in a task id)
+# and no markup ("[ab]" in a glob); the only markup is ours, and every value is escaped.
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200, emoji=False)
 
 
 def load_flow(spec: str) -> Flow:
@@ -72,13 +75,13 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except FencedError as exc:
-            err.print(f"[bold red]fenced:[/] {exc}")
+            err.print(f"[bold red]fenced:[/] {escape(str(exc))}")
             sys.exit(3)
         except UsageError as exc:
-            err.print(f"[bold red]configuration error:[/] {exc}")
+            err.print(f"[bold red]configuration error:[/] {escape(str(exc))}")
             sys.exit(2)
         except ResumeflowError as exc:
-            err.print(f"[bold red]error:[/] {exc}")
+            err.print(f"[bold red]error:[/] {escape(str(exc))}")
             sys.exit(1)
 
 
@@ -163,19 +166,20 @@ def status(store: str, as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    table = Table(title=f"store {store}")
+    table = Table(title=escape(f"store {store}"))
     for col in ("task", "epoch", "seq", "positions", "checkpoint age", "state keys",
                 "records in", "dead letters"):
         table.add_column(col)
     for row in rows:
         age = "-" if row["checkpoint_age_s"] is None else f"{row['checkpoint_age_s']:.1f} s"
-        table.add_row(str(row["task"]), str(row["epoch"]), str(row["seq"]),
-                      json.dumps(row["positions"]), age, str(row["state_keys"]),
-                      str(row["records_in"]), str(row["dead_letters"]))
+        table.add_row(*(escape(cell) for cell in (
+            str(row["task"]), str(row["epoch"]), str(row["seq"]), json.dumps(row["positions"]),
+            age, str(row["state_keys"]), str(row["records_in"]), str(row["dead_letters"]))))
     out.print(table)
     for row in rows:
         if row["error"]:
-            err.print(f"[bold red]task {row['task']}: {row['error']}[/]")
+            problem = escape(f"task {row['task']}: {row['error']}")
+            err.print(f"[bold red]{problem}[/]")
 
 
 @main.group()
@@ -194,9 +198,9 @@ def verify_cmd(store: str) -> None:
         if problems:
             damaged += 1
             for problem in problems:
-                out.print(f"[bold red]DAMAGED[/] {t.task}: {problem}")
+                out.print(f"[bold red]DAMAGED[/] {escape(f'{t.task}: {problem}')}")
         else:
-            out.print(f"ok {t.task}: {t.checkpoints} checkpoint(s) verify")
+            out.print(escape(f"ok {t.task}: {t.checkpoints} checkpoint(s) verify"))
     s.close()
     if damaged:
         sys.exit(4)
@@ -213,10 +217,10 @@ def list_cmd(store: str) -> None:
         for seq, raw in s.records(t.task):
             try:
                 r = decode_record(raw)
-                out.print(f"{t.task} seq {seq} epoch {r.epoch} positions "
-                          f"{json.dumps(r.positions)} digest {r.digest[:12]}")
+                out.print(escape(f"{t.task} seq {seq} epoch {r.epoch} positions "
+                                 f"{json.dumps(r.positions)} digest {r.digest[:12]}"))
             except ResumeflowError as exc:
-                out.print(f"{t.task} seq {seq} [red]{exc}[/]")
+                out.print(f"{escape(t.task)} seq {seq} [red]{escape(str(exc))}[/]")
     s.close()
 
 
@@ -233,8 +237,8 @@ def rewind_cmd(store: str, task: str, seq: int) -> None:
     record = s.rewind(task, seq)
     s.close()
     assert record is not None
-    out.print(f"task {task} rewound to checkpoint seq {seq}, positions "
-              f"{json.dumps(record.positions)}; file sinks are cut back on the next run")
+    out.print(escape(f"task {task} rewound to checkpoint seq {seq}, positions "
+                     f"{json.dumps(record.positions)}; file sinks are cut back on the next run"))
 
 
 @main.command()
@@ -256,19 +260,20 @@ def chaos(flow_spec: str, kills: int, seed: int, store: str | None, replay_max_e
     extra = ["--replay-max-events", str(replay_max_events), "--guarantee", guarantee]
     report = run_chaos(flow, flow_spec, kills=kills, seed=seed,
                        store=Path(store) if store else None, extra=extra,
-                       replay_bound=replay_max_events, log=lambda m: err.print(m))
-    table = Table(title=f"chaos: {flow_spec} seed {seed}")
+                       replay_bound=replay_max_events, log=lambda m: err.print(escape(m)))
+    table = Table(title=escape(f"chaos: {flow_spec} seed {seed}"))
     table.add_column("measure")
     table.add_column("value", justify="right")
     for name, value in summarize(report):
-        table.add_row(name, value)
+        table.add_row(escape(name), escape(value))
     out.print(table)
     violations = report.violations
     if guarantee == "at-least-once":
         violations = [v for v in violations if "duplicated" not in v]
     if violations:
         for v in violations:
-            err.print(f"[bold red]VIOLATION[/] {v}")
-        err.print(f"replay with: resumeflow chaos {flow_spec} --kills {kills} --seed {seed}")
+            err.print(f"[bold red]VIOLATION[/] {escape(v)}")
+        err.print(escape(f"replay with: resumeflow chaos {flow_spec} --kills {kills} "
+                         f"--seed {seed}"))
         sys.exit(1)
     out.print("no violations")
