@@ -127,7 +127,9 @@ class SQLiteStore:
         self._recent = RecentDeltas()
         self._compacted = threading.Condition()
         self._committed: dict[int, int] = {}
-        self._compactor = Compactor(self.path, self._recent, self._notify_compacted, self._lock)
+        self._commit_waiting = threading.Event()
+        self._compactor = Compactor(self.path, self._recent, self._notify_compacted, self._lock,
+                                    self._commit_waiting)
         if not create and not self.path.exists():
             raise ConfigurationError(
                 f"no store at {str(self.path)!r}; pass the --store path a pipeline ran with"
@@ -309,7 +311,9 @@ class SQLiteStore:
         invariant(record.epoch == opened.epoch, "record epoch differs from the task's epoch")
         record.verify()
         raw = encode_record(record)
+        self._commit_waiting.set()
         with self._lock:
+            self._commit_waiting.clear()
             db = self.connection
             self._begin(db)
             try:

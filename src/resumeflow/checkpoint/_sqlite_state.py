@@ -22,6 +22,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -70,15 +71,25 @@ class RecentDeltas:
     """Per task, the newest value of every key changed in an uncompacted delta.
 
     Built on the first cold read after a task opens from the uncompacted tail (a handful of
-    rows, independent of the state size), kept current by commits, trimmed by compactions.
+    rows, independent of the state size). Commits only queue their deltas (O(1)); they are
+    merged on the next cold read, so a workload whose keys stay hot never pays for the map.
     """
 
     def __init__(self) -> None:
         self._by_task: dict[int, dict[bytes, tuple[int, bytes | None]]] = {}
+        self._queued: dict[int, list[tuple[int, Sequence[tuple[bytes, bytes | None]]]]] = {}
         self._lock = threading.Lock()
 
     def get(self, task_no: int) -> dict[bytes, tuple[int, bytes | None]] | None:
-        return self._by_task.get(task_no)
+        """The map of a task with every queued delta merged, or ``None`` if not built."""
+        with self._lock:
+            recent = self._by_task.get(task_no)
+            queued = self._queued.pop(task_no, None)
+            if recent is not None and queued:
+                for seq, delta in queued:
+                    for key, value in delta:
+                        recent[key] = (seq, value)
+            return recent
 
     def build(self, db: sqlite3.Connection,
               task_no: int) -> tuple[dict[bytes, tuple[int, bytes | None]], int]:
@@ -93,24 +104,28 @@ class RecentDeltas:
                 recent[key] = (seq, value)
         with self._lock:
             self._by_task[task_no] = recent
+            self._queued.pop(task_no, None)
         return recent, len(rows)
 
     def add(self, task_no: int, seq: int, delta: Sequence[tuple[bytes, bytes | None]]) -> None:
+        """Queue a committed delta (merged lazily by ``get``)."""
         with self._lock:
-            recent = self._by_task.get(task_no)
-            if recent is not None:
-                for key, value in delta:
-                    recent[key] = (seq, value)
+            if task_no in self._by_task:
+                self._queued.setdefault(task_no, []).append((seq, delta))
 
     def forget(self, task_no: int) -> None:
         with self._lock:
             self._by_task.pop(task_no, None)
+            self._queued.pop(task_no, None)
 
     def trim(self, task_no: int, upto: int) -> None:
         """Drop entries now in the table (their delta seq is at or below ``upto``)."""
         with self._lock:
+            queued = self._queued.get(task_no)
+            if queued:
+                self._queued[task_no] = [(seq, d) for seq, d in queued if seq > upto]
             recent = self._by_task.get(task_no)
-            if recent is not None:
+            if recent:
                 for key in [k for k, (seq, _) in recent.items() if seq <= upto]:
                     del recent[key]
 
@@ -123,7 +138,8 @@ def _tail(db: sqlite3.Connection, task_no: int) -> tuple[int, int, int]:
 
 
 def compact(db: sqlite3.Connection, task_no: int, epoch: int, recent: RecentDeltas,
-            write_lock: threading.Lock | None = None) -> bool:
+            write_lock: threading.Lock | None = None,
+            commit_waiting: threading.Event | None = None) -> bool:
     """Apply the uncompacted deltas of a task to its rows; False if there was nothing to do
     or the task moved to another epoch (then nothing more is written)."""
     db.execute("BEGIN")
@@ -145,11 +161,23 @@ def compact(db: sqlite3.Connection, task_no: int, epoch: int, recent: RecentDelt
     keys = sorted(merged)
     for chunk_no, start in enumerate(range(0, len(keys), _CHUNK_KEYS)):
         chunk = keys[start:start + _CHUNK_KEYS]
+        _yield_to_commits(commit_waiting)
         with lock:  # short turns: a commit waits for one chunk at most
             if not _write_chunk(db, task_no, epoch, since, upto, chunk_no, chunk, merged):
                 return False
+    _yield_to_commits(commit_waiting)
     with lock:
         return _finish(db, task_no, epoch, since, upto, recent)
+
+
+def _yield_to_commits(commit_waiting: threading.Event | None) -> None:
+    """Let a waiting commit take the write lock first (a plain lock is not fair)."""
+    if commit_waiting is None:
+        return
+    for _ in range(2000):
+        if not commit_waiting.is_set():
+            return
+        time.sleep(0.0005)
 
 
 def _owned(db: sqlite3.Connection, task_no: int, epoch: int, since: int) -> bool:
@@ -245,12 +273,15 @@ class Compactor:
         on_done: called after each run (to wake commits waiting for the tail to shrink).
         write_lock: taken around each write transaction, shared with the store's commits so
             they wait for one short chunk instead of polling SQLite's busy handler.
+        commit_waiting: set while a commit wants the write lock; the compactor lets it go
+            first between chunks.
     """
 
     def __init__(self, path: Path, recent: RecentDeltas, on_done: Callable[[], None],
-                 write_lock: threading.Lock) -> None:
+                 write_lock: threading.Lock, commit_waiting: threading.Event) -> None:
         self._path = path
         self._write_lock = write_lock
+        self._commit_waiting = commit_waiting
         self._recent = recent
         self._on_done = on_done
         self._queue: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
@@ -285,7 +316,8 @@ class Compactor:
                 task_no, epoch = item
                 self._pending.discard(task_no)
                 try:
-                    if compact(db, task_no, epoch, self._recent, self._write_lock):
+                    if compact(db, task_no, epoch, self._recent, self._write_lock,
+                               self._commit_waiting):
                         self.runs += 1
                 except Exception:
                     self.failures += 1

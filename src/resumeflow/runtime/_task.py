@@ -154,7 +154,8 @@ class TaskRunner:
                                      (DEAD, self._dead_sink, False)):
             ctx = SinkContext(sink_id=sink_id, task=self.task_id, partition=self.partition,
                               partitions=self._partitions, keyed=keyed,
-                              guarantee=self.config.guarantee, store_path=self._store_path)
+                              guarantee=self.config.guarantee, store_path=self._store_path,
+                              epoch=self.opened.epoch)
             writer = sink.open(ctx)
             meta = record.sink_txn.get(sink_id) if record else None
             writer.recover(meta, [e for e in self.opened.staged if e.sink == sink_id])

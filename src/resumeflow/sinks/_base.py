@@ -37,6 +37,8 @@ class SinkContext:
         keyed: whether items are ``(key, value)`` pairs.
         guarantee: the pipeline's guarantee.
         store_path: the store's database file when the store is SQLite, else ``None``.
+        epoch: the task owner's fencing epoch (sinks keep per-epoch scratch files apart, so a
+            paused old owner cannot touch the new owner's).
     """
 
     sink_id: str
@@ -46,6 +48,7 @@ class SinkContext:
     keyed: bool
     guarantee: Guarantee
     store_path: Path | None
+    epoch: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

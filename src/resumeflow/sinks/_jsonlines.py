@@ -1,26 +1,32 @@
 """JSON-lines file sink, exactly-once by staging.
 
-Under exactly-once, each checkpoint's output is staged in the store inside the commit, then
-appended to the file after the commit point. The file's length tells whether an append
-happened: finalizing ``seq`` when the file already ends at its recorded end does nothing, a
-half-done append is cut back and redone. So a crash anywhere leaves each record in the file
-exactly once after recovery, and readers never see output of an uncommitted checkpoint.
+Under exactly-once, each checkpoint's output is written and fsynced to a staging file of the
+task's current owner (``<file>.rf-staging-<epoch>``) before the commit point, and the commit
+record names it; after the commit point it is appended to the file and fsynced. The file's
+length tells whether an append happened: finalizing ``seq`` when the file already reaches its
+recorded end does nothing, a half-done append is cut back and redone. Staging files are per
+epoch, so a paused old owner cannot overwrite what the new owner's recovery reads. So a crash
+anywhere leaves each record in the file exactly once after recovery, and readers never see
+output of an uncommitted checkpoint.
 Under at-least-once, output is appended before the commit point and a replay repeats it.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
+import glob
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from .._faults import crash_point
 from ..checkpoint import StagedEntry
 from ..errors import ConfigurationError, DataError, invariant
 from ._base import Precommit, SinkContext
@@ -76,7 +82,8 @@ class _JsonLinesWriter:
         self._length = 0
         self._pending: dict[int, tuple[dict[str, Any], bytes]] = {}
         self._finalized: int | None = None
-        self._unsynced = False
+        self._staging_path = path.with_name(f"{path.name}.rf-staging-{ctx.epoch}")
+        self._staging: Any = None
         try:
             self._file = open(path, "ab+")  # noqa: SIM115 - closed in close()
         except OSError as exc:
@@ -98,27 +105,51 @@ class _JsonLinesWriter:
                     "has no checkpoint that wrote them; move the file away or run with the "
                     "store that wrote it"
                 )
+            self._drop_old_staging()
             return
+        end = int(meta["end"])
         with self._locked():
+            if size > end:
+                log.warning("%s: cutting %d bytes written after the checkpoint being resumed",
+                            self.path, size - end)
+                os.truncate(self.path, end)
             for entry in staged:
-                self._append(entry.seq, entry.meta, entry.payload)
+                self._append(entry.seq, entry.meta, functools.partial(self._staged_bytes, entry))
                 self._finalized = entry.seq
-            self._cut_back(int(meta["end"]))
-        self._length = int(meta["end"])
+            size = self._size()
+            if size != end:
+                raise DataError(
+                    f"output file {str(self.path)!r} is {size} bytes but checkpoint output ends "
+                    f"at byte {end}: it was truncated outside resumeflow. Restore it, or rewind "
+                    "the task with `resumeflow checkpoints rewind`"
+                )
+            self._sync()
+        self._length = end
+        self._drop_old_staging()
 
-    def _cut_back(self, end: int) -> None:
-        size = self._size()
-        if size > end:
-            log.warning("%s: cutting %d bytes written after the checkpoint being resumed",
-                        self.path, size - end)
-            os.truncate(self.path, end)
-        elif size < end:
+    def _staged_bytes(self, entry: StagedEntry) -> bytes:
+        if entry.payload or "staging" not in entry.meta:
+            return entry.payload
+        staging = self.path.with_name(str(entry.meta["staging"]))
+        offset, length = int(entry.meta["stage_off"]), int(entry.meta["stage_len"])
+        try:
+            with open(staging, "rb") as f:
+                f.seek(offset)
+                data = f.read(length)
+        except OSError:
+            data = b""
+        if len(data) != length:
             raise DataError(
-                f"output file {str(self.path)!r} is {size} bytes but checkpoint output ends at "
-                f"byte {end}: it was truncated outside resumeflow. Restore it, or rewind the "
-                "task with `resumeflow checkpoints rewind`"
+                f"staged output of checkpoint {entry.seq} for {str(self.path)!r} is missing from "
+                f"{str(staging)!r}; restore it, or rewind the task"
             )
-        self._sync()
+        return data
+
+    def _drop_old_staging(self) -> None:
+        """Remove staging files of earlier owners once recovery no longer needs them."""
+        for old in self.path.parent.glob(f"{glob.escape(self.path.name)}.rf-staging-*"):
+            if old != self._staging_path:
+                old.unlink(missing_ok=True)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -149,7 +180,7 @@ class _JsonLinesWriter:
         payload = self._encode() if self.buffer else b""
         self.buffer.clear()
         base = self._length
-        meta = {"file": str(self.path), "base": base, "end": base + len(payload)}
+        meta: dict[str, Any] = {"file": str(self.path), "base": base, "end": base + len(payload)}
         self._length = base + len(payload)
         if not self._exactly_once:
             if payload:
@@ -159,9 +190,22 @@ class _JsonLinesWriter:
             return Precommit(meta=meta)
         if not payload:
             return Precommit(meta=meta)
+        self._stage(payload, meta)
         self._pending[seq] = (meta, payload)
         return Precommit(meta=meta, staged=StagedEntry(sink=self.ctx.sink_id, seq=seq,
-                                                       meta=meta, payload=payload))
+                                                       meta=meta, payload=b""))
+
+    def _stage(self, payload: bytes, meta: dict[str, Any]) -> None:
+        """Write the payload durably to this owner's staging file, reusing it from the start:
+        every earlier checkpoint's output is already durable in the output file."""
+        if self._staging is None:
+            self._staging = open(self._staging_path, "wb")  # noqa: SIM115 - closed in close()
+        self._staging.seek(0)
+        self._staging.truncate()
+        self._staging.write(payload)
+        self._staging.flush()
+        os.fsync(self._staging.fileno())
+        meta.update(staging=self._staging_path.name, stage_off=0, stage_len=len(payload))
 
     def finalize(self, seq: int) -> None:
         pending = self._pending.pop(seq, None)
@@ -169,41 +213,39 @@ class _JsonLinesWriter:
             return
         meta, payload = pending
         with self._locked():
-            self._append(seq, meta, payload)
+            self._append(seq, meta, lambda: payload)
+            self._sync()
         self._finalized = seq
 
-    def _append(self, seq: int, meta: dict[str, Any], payload: bytes) -> None:
+    def _append(self, seq: int, meta: dict[str, Any], payload: Callable[[], bytes]) -> None:
+        """Make the file end at checkpoint ``seq``'s end; a no-op if it already reaches it."""
         base, end = int(meta["base"]), int(meta["end"])
         size = self._size()
-        if size == end:
+        if size >= end:
             return
         if size < base:
             raise DataError(
                 f"output file {str(self.path)!r} is {size} bytes but checkpoint {seq} appends "
                 f"at byte {base}: it was truncated outside resumeflow; restore it"
             )
-        invariant(size <= end, f"{self.path}: {size} bytes, past checkpoint {seq}'s end {end}")
+        data = payload()
+        invariant(len(data) == end - base, f"{self.path}: staged output of checkpoint {seq} "
+                  f"is {len(data)} bytes, expected {end - base}")
         if size != base:
             os.truncate(self.path, base)
         self._file.seek(0, os.SEEK_END)
-        from .._faults import crash_point
-
-        half = len(payload) // 2
-        self._file.write(payload[:half])
+        half = len(data) // 2
+        self._file.write(data[:half])
         self._file.flush()
         crash_point("sink.finalize.partial")
-        self._file.write(payload[half:])
+        self._file.write(data[half:])
         self._file.flush()
-        self._unsynced = True
 
     def releasable(self) -> int | None:
-        if self._unsynced:
-            self._sync()
         return self._finalized
 
     def _sync(self) -> None:
         os.fsync(self._file.fileno())
-        self._unsynced = False
 
     def _size(self) -> int:
         return os.fstat(self._file.fileno()).st_size
@@ -211,3 +253,5 @@ class _JsonLinesWriter:
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
+        if self._staging is not None and not self._staging.closed:
+            self._staging.close()

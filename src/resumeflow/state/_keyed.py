@@ -14,6 +14,8 @@ from typing import Any
 from .._codec import decode, encode, encode_key
 from ..errors import CorruptCheckpointError, ResumeflowError, UnavailableError
 
+_encode = encode
+
 __all__ = ["MISSING", "KeyedState"]
 
 
@@ -104,16 +106,12 @@ class KeyedState:
         """Encode and clear the dirty keys; deleted keys become tombstones (``None``)."""
         values = self.values
         prefix = self._prefix
-        delta: list[tuple[bytes, bytes | None]] = []
-        append = delta.append
-        for key in self.dirty:
-            value = values.get(key, MISSING)
-            if value is MISSING:
-                append((prefix + encode_key(key), None))
-            else:
-                append((prefix + encode_key(key), encode(value)))
+        enc = _encode
+        dirty = list(self.dirty)
         self.dirty.clear()
-        return delta
+        keys = [prefix + enc(k) for k in dirty] if prefix else [enc(k) for k in dirty]
+        olds = [values.get(k, MISSING) for k in dirty]
+        return [(kb, None if v is MISSING else enc(v)) for kb, v in zip(keys, olds, strict=True)]
 
     def evict(self) -> int:
         """Drop the oldest clean keys past ``max_hot_keys``; returns how many were dropped."""
