@@ -11,6 +11,7 @@ import random
 import re
 import signal
 import subprocess
+import threading
 from typing import Any
 
 import pytest
@@ -22,16 +23,33 @@ RECOVERED_FROM_CHECKPOINT = re.compile(
     r"recovered task orders:events\.jsonl:0 epoch \d+ from checkpoint seq (\d+)")
 
 
-def run_killed_after(work: Any, args: list[str], delay_s: float) -> tuple[int, str]:
-    """Start the pipeline, SIGKILL it after ``delay_s`` unless it ended; returns (rc, stderr)."""
+def run_killed(work: Any, args: list[str], *, after_first_records: bool,
+               delay_s: float) -> tuple[int, str]:
+    """Start the pipeline and SIGKILL it ``delay_s`` after it starts, or after it processed
+    its first records, unless it ended by then; returns (returncode, stderr)."""
     proc = subprocess.Popen(work.cli_args(*args), cwd=work.root, env=work.env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr or []:
+            lines.append(line)
+            if "first records processed" in line:
+                started.set()
+        started.set()  # the process ended
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        _, stderr = proc.communicate(timeout=delay_s)
+        if after_first_records:
+            started.wait(timeout=60)
+        proc.wait(timeout=delay_s)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGKILL)
-        _, stderr = proc.communicate()
-    return proc.returncode, stderr
+        proc.wait(timeout=60)
+    reader.join(timeout=60)
+    return proc.returncode, "".join(lines)
 
 
 @pytest.mark.slow
@@ -46,8 +64,12 @@ def test_kill9_at_random_moments_then_resume(work: Any, seed: int) -> None:
     spec = work.pipeline(events, kind, pace_every=400)
     args = work.run_args(spec, replay_max_events=REPLAY_MAX_EVENTS)
     kills, runs = 0, []
-    for delay_s in [rng.uniform(0.1, 0.5) for _ in range(MAX_KILLS)] + [120.0]:
-        returncode, stderr = run_killed_after(work, args, delay_s)
+    # Most kills land while records flow (0.15 s after the first ones: past the first
+    # commit); some land at any moment from the start (start-up, recovery).
+    plan = [(rng.random() < 0.75, rng.uniform(0.15, 0.5)) for _ in range(MAX_KILLS)]
+    for after_first_records, delay_s in [*plan, (False, 120.0)]:
+        returncode, stderr = run_killed(work, args, after_first_records=after_first_records,
+                                        delay_s=delay_s)
         runs.append(stderr)
         if returncode == 0:
             break
