@@ -57,10 +57,15 @@ class Schedule:
         inputs: records per partition.
         plan: what to inject.
         trace: called with one line per event (for ``replay``).
+        store_type: the store class (a ``MemoryStore`` subclass, e.g. a deliberately broken
+            one to test the checker).
+        sink_type: the sink class for output and dead letters (a ``MemorySink`` subclass).
     """
 
     def __init__(self, build_flow: BuildFlow, inputs: dict[str, list[Any]], plan: FaultPlan,
-                 *, trace: Callable[[str], None] | None = None) -> None:
+                 *, trace: Callable[[str], None] | None = None,
+                 store_type: type[MemoryStore] = MemoryStore,
+                 sink_type: type[MemorySink] = MemorySink) -> None:
         self.plan = plan
         self.inputs = inputs
         self._trace = trace
@@ -72,9 +77,9 @@ class Schedule:
             envelopes, redeliver_rate=plan.redeliver_rate, reorder_rate=plan.reorder_rate,
             stall_rate=plan.stall_rate, rng=random.Random(plan.seed * 7919 + 2),
             decode=self._decode)
-        self.sink = MemorySink("out")
-        self.dead = MemorySink("dead-letters")
-        self.store = MemoryStore(keep_checkpoints=plan.keep_checkpoints, clock=self.clock)
+        self.sink = sink_type("out")
+        self.dead = sink_type("dead-letters")
+        self.store = store_type(keep_checkpoints=plan.keep_checkpoints, clock=self.clock)
         self.flow = build_flow(self.source, self.sink)
         self._wrap_user_code(self.flow)
         self.config = RunConfig(

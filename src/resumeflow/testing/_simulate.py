@@ -19,6 +19,8 @@ from ._check import Outcome, compare, outcome
 from ._observe import Violation
 from ._plan import FaultPlan
 from ._sim import BuildFlow, Schedule
+from ._sink import MemorySink
+from ._store import MemoryStore
 
 __all__ = ["ScheduleResult", "SimReport", "run_schedule", "simulate"]
 
@@ -144,11 +146,15 @@ def _outcome(schedule: Schedule) -> Outcome:
 
 def run_schedule(build_flow: BuildFlow, inputs: dict[str, list[Any]], plan: FaultPlan, *,
                  replay: str, reference: Outcome | None = None,
-                 trace: Callable[[str], None] | None = None) -> ScheduleResult:
-    """Run one schedule and check it against ``reference`` (computed when not given)."""
+                 trace: Callable[[str], None] | None = None,
+                 store_type: type[MemoryStore] = MemoryStore,
+                 sink_type: type[MemorySink] = MemorySink) -> ScheduleResult:
+    """Run one schedule and check it against ``reference`` (computed when not given, with
+    the plain memory backends)."""
     if reference is None:
         reference = _reference(build_flow, inputs, plan.guarantee, plan.seed)
-    schedule = Schedule(build_flow, inputs, plan, trace=trace)
+    schedule = Schedule(build_flow, inputs, plan, trace=trace, store_type=store_type,
+                        sink_type=sink_type)
     violations = schedule.run()
     result = _outcome(schedule)
     if not any(v.kind == "error" for v in violations):
@@ -163,7 +169,8 @@ def run_schedule(build_flow: BuildFlow, inputs: dict[str, list[Any]], plan: Faul
 
 def simulate(build_flow: BuildFlow, inputs: dict[str, list[Any]] | list[Any], *,
              schedules: int = 1000, seed: int = 0, guarantee: str | None = None,
-             raise_on_violation: bool = True) -> SimReport:
+             raise_on_violation: bool = True, store_type: type[MemoryStore] = MemoryStore,
+             sink_type: type[MemorySink] = MemorySink) -> SimReport:
     """Run ``schedules`` seeded fault schedules of a flow and check every invariant.
 
     Args:
@@ -176,6 +183,8 @@ def simulate(build_flow: BuildFlow, inputs: dict[str, list[Any]] | list[Any], *,
         guarantee: force ``exactly-once`` or ``at-least-once`` (default: drawn per seed).
         raise_on_violation: raise ``AssertionError`` on the first failing schedule's report
             (after running them all) instead of only returning the report.
+        store_type: the store class of the faulty runs (``MemoryStore`` or a subclass).
+        sink_type: the sink class of the faulty runs (``MemorySink`` or a subclass).
     """
     parts = inputs if isinstance(inputs, dict) else {"0": list(inputs)}
     parts = {str(p): list(v) for p, v in parts.items()}
@@ -190,7 +199,8 @@ def simulate(build_flow: BuildFlow, inputs: dict[str, list[Any]] | list[Any], *,
         forced = f", guarantee={guarantee!r}" if guarantee else ""
         replay = f"simulate({name}, inputs, seed={s}, schedules=1{forced})"
         report.add(run_schedule(build_flow, parts, plan, replay=replay,
-                                reference=references[plan.guarantee]))
+                                reference=references[plan.guarantee], store_type=store_type,
+                                sink_type=sink_type))
     report.wall_seconds = time.perf_counter() - started
     if raise_on_violation:
         report.check()

@@ -115,10 +115,14 @@ class MemorySink:
         raise UnavailableError(f"MemorySink {self.name!r}: injected {what} failure; retry")
 
     def _apply(self, task: str, seq: int, payload: bytes) -> None:
-        """Write the slot of ``seq``; a crash half-way leaves half of it, redone next time."""
+        """Write the slot of ``seq``; a crash half-way leaves half of it, redone next time.
+        A slot already complete is left alone, so a late finalize (a zombie's) never
+        regresses output that recovery completed."""
         self._fail("finalize")
         items = decode(payload)
         slots = self._visible[task]
+        if slots.get(seq) == items:
+            return
         half = len(items) // 2
         if half:
             slots[seq] = items[:half]
