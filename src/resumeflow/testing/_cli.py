@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ._plan import FaultPlan
 from ._simulate import ScheduleResult, SimReport, run_schedule
@@ -27,12 +27,14 @@ def replay_command(seed: int, guarantee: str | None = None) -> str:
     return f"python -m resumeflow.testing replay --seed {seed}{forced}"
 
 
-def run_seed(seed: int, *, guarantee: str | None = None, trace: bool = False) -> ScheduleResult:
-    """Run the built-in schedule of ``seed``."""
+def run_seed(seed: int, *, guarantee: str | None = None, trace: bool = False,
+             trace_to: Callable[[str], None] | None = None) -> ScheduleResult:
+    """Run the built-in schedule of ``seed`` (``trace``: print every event; ``trace_to``:
+    hand every event to a function instead)."""
     _, build, inputs = workload(seed)
     plan = FaultPlan.draw(seed, guarantee=guarantee)
     return run_schedule(build, inputs, plan, replay=replay_command(seed, guarantee),
-                        trace=print if trace else None)
+                        trace=trace_to or (print if trace else None))
 
 
 def run_many(schedules: int, seed: int, *, guarantee: str | None = None,
