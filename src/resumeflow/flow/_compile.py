@@ -22,8 +22,12 @@ Emit = Callable[[Any], None]
 
 
 def build_chain(operators: list[Operator], emit: Emit, states: dict[str, KeyedState],
-                undo: Undo) -> Emit:
-    """Fuse ``operators`` into a function that pushes one value through them to ``emit``."""
+                undo: Undo, *, emit_can_fail: bool = True) -> Emit:
+    """Fuse ``operators`` into a function that pushes one value through them to ``emit``.
+
+    With ``emit_can_fail=False`` (the runtime's emit appends to a list), a stateful operator
+    that ends the chain skips the undo log: nothing after its state change can fail.
+    """
     keyed = False
     stages: list[tuple[Operator, bool]] = []
     for op in operators:
@@ -31,8 +35,21 @@ def build_chain(operators: list[Operator], emit: Emit, states: dict[str, KeyedSt
         if op.kind == "key_by":
             keyed = True
     nxt = emit
-    for op, is_keyed in reversed(stages):
+    index = len(stages) - 1
+    while index >= 0:
+        op, is_keyed = stages[index]
+        last = index == len(stages) - 1 and not emit_can_fail
+        if op.stateful:
+            before, before_keyed = stages[index - 1] if index else (None, True)
+            key_fn = before.fn if before is not None and before.kind == "key_by" \
+                and not before_keyed else None
+            # The undo log is only needed when something after the state change can fail.
+            nxt = _bind_stateful(op, nxt, states[op.name], undo, log_undo=not last,
+                                 key_fn=key_fn)
+            index -= 2 if key_fn is not None else 1
+            continue
         nxt = _bind(op, nxt, is_keyed, states, undo)
+        index -= 1
     return nxt
 
 
@@ -50,8 +67,6 @@ def _bind(op: Operator, nxt: Emit, keyed: bool, states: dict[str, KeyedState],
             key = fn(value)
             nxt((_hashable(key) if type(key) is list else key, value))
         return key_by
-    if op.kind in ("reduce", "stateful_map"):
-        return _bind_stateful(op, nxt, states[op.name], undo)
     if keyed:
         return _bind_keyed(op.kind, fn, nxt)
     return _bind_plain(op.kind, fn, nxt)
@@ -99,37 +114,30 @@ def _bind_keyed(kind: str, fn: Callable[[Any], Any], nxt: Emit) -> Emit:
     return flat_map
 
 
-def _bind_stateful(op: Operator, nxt: Emit, state: KeyedState, undo: Undo) -> Emit:
+def _bind_stateful(op: Operator, nxt: Emit, state: KeyedState, undo: Undo, *, log_undo: bool,
+                   key_fn: Callable[[Any], Any] | None) -> Emit:
+    """A reduce or stateful_map; with ``key_fn``, fused with the ``key_by`` before it (one
+    call per record instead of two)."""
     fn = op.fn
     initial = op.initial
     values = state.values
     dirty = state.dirty
     load = state.load
     log = undo.append
+    reduce = op.kind == "reduce"
 
-    if op.kind == "reduce":
-        def reduce(item: Any) -> None:
-            key, value = item
-            old = values.get(key, MISSING)
-            if old is MISSING:
-                old = load(key)
-            new = fn(initial() if old is MISSING else old, value)
-            log((state, key, old, key in dirty))
-            if old is MISSING:
-                state.keys += 1
-            values[key] = new
-            dirty.add(key)
-            nxt((key, new))
-        return reduce
-
-    def stateful_map(item: Any) -> None:
-        key, value = item
+    def apply(key: Any, value: Any) -> None:
         old = values.get(key, MISSING)
         if old is MISSING:
             old = load(key)
-        new, out = fn(initial() if old is MISSING else old, value)
-        log((state, key, old, key in dirty))
-        if new is None:
+        if reduce:
+            new = fn(initial() if old is MISSING else old, value)
+            out = new
+        else:
+            new, out = fn(initial() if old is MISSING else old, value)
+        if log_undo:
+            log((state, key, old, key in dirty))
+        if new is None and not reduce:
             if old is not MISSING:
                 state.keys -= 1
                 values.pop(key, None)
@@ -140,7 +148,63 @@ def _bind_stateful(op: Operator, nxt: Emit, state: KeyedState, undo: Undo) -> Em
             values[key] = new
             dirty.add(key)
         nxt((key, out))
-    return stateful_map
+
+    if key_fn is None:
+        def on_item(item: Any) -> None:
+            apply(item[0], item[1])
+        return on_item if not reduce or log_undo else _fast_reduce(op, nxt, state, None)
+
+    def on_value(value: Any) -> None:
+        key = key_fn(value)
+        apply(_hashable(key) if type(key) is list else key, value)
+    return on_value if not reduce or log_undo else _fast_reduce(op, nxt, state, key_fn)
+
+
+def _fast_reduce(op: Operator, nxt: Emit, state: KeyedState,
+                 key_fn: Callable[[Any], Any] | None) -> Emit:
+    """The hot path of a reduce that ends the chain: nothing after it can fail, so no undo."""
+    fn = op.fn
+    initial = op.initial
+    values = state.values
+    mark_dirty = state.dirty.add
+    load = state.load
+    get = values.get
+
+    def reduce_value(value: Any) -> None:
+        key = key_fn(value)  # type: ignore[misc]
+        if type(key) is list:
+            key = _hashable(key)
+        old = get(key, MISSING)
+        if old is MISSING:
+            old = load(key)
+            if old is MISSING:
+                new = fn(initial(), value)
+                state.keys += 1
+            else:
+                new = fn(old, value)
+        else:
+            new = fn(old, value)
+        values[key] = new
+        mark_dirty(key)
+        nxt((key, new))
+
+    def reduce_item(item: Any) -> None:
+        key, value = item
+        old = get(key, MISSING)
+        if old is MISSING:
+            old = load(key)
+            if old is MISSING:
+                new = fn(initial(), value)
+                state.keys += 1
+            else:
+                new = fn(old, value)
+        else:
+            new = fn(old, value)
+        values[key] = new
+        mark_dirty(key)
+        nxt((key, new))
+
+    return reduce_value if key_fn is not None else reduce_item
 
 
 def rollback(undo: Undo) -> None:

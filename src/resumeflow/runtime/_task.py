@@ -126,7 +126,8 @@ class TaskRunner:
             self.partition, self.positions.get(self.partition), follow=self.config.follow)
         self._next_position = self.reader.position
         emit = self.writers[OUT].buffer.append
-        self._chain = build_chain(self.flow.operators, emit, self.states, self._undo)
+        self._chain = build_chain(self.flow.operators, emit, self.states, self._undo,
+                                  emit_can_fail=False)
         self._replay_until = self._replay_mark()
         to_replay: int | None = None
         if self._marks is not None:
