@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -109,3 +110,42 @@ def test_directory_source_resumes_every_partition(work: Any) -> None:
     for name, events in parts.items():
         out = work.root / "out" / f"{name}.jsonl"
         assert [json.loads(x) for x in out.read_text().splitlines()] == events.running_totals()
+
+
+class Crash(BaseException):
+    """Stands for the process dying at a crash point."""
+
+
+@pytest.mark.parametrize("point", rf.runtime.CRASH_POINTS)
+def test_recovery_depends_only_on_durable_data(work: Any, point: str) -> None:
+    """Two copies of one crashed pipeline's files recover to the same checkpoint, the same
+    repaired output and the same final output: recovery reads durable data, not timing."""
+    from resumeflow._faults import installed
+
+    events = work.events(4000, bad_every=900)
+    config = rf.RunConfig(replay_max_events=300, replay_max_seconds=3600)
+    passes = {"n": 0}
+
+    def crash(name: str) -> None:
+        if name == point:
+            passes["n"] += 1
+            if passes["n"] == 3:
+                raise Crash
+
+    with installed(crash), pytest.raises(Crash):
+        rf.run(work.flow(events), work.store, config)
+
+    outcomes = []
+    for copy in ("a", "b"):
+        root = work.root / copy
+        shutil.copytree(work.root, root, ignore=shutil.ignore_patterns("a", "b"))
+        twin = type(work)(root)  # the same pipeline, on the copied store and outputs
+        runtime = rf.Runtime(twin.flow(events), twin.store, config)
+        (recovery,) = runtime.open()
+        repaired = (twin.out.read_bytes(), twin.dead_letters())
+        summary = runtime.run()
+        outcomes.append(((recovery.seq, recovery.positions, recovery.state_keys,
+                          recovery.discarded_seqs), repaired, summary.records_in,
+                         twin.out.read_bytes()))
+        assert twin.output("jsonl") == events.running_totals()
+    assert outcomes[0] == outcomes[1]
