@@ -254,6 +254,9 @@ class Runtime:
                 task.close()
             except Exception:
                 log.exception("closing task %s failed", task.task_id)
+        if self._marks is not None:
+            self._marks.close()
+            self._marks = None
         if self._owns_store:
             self.store.close()
 
