@@ -15,6 +15,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 
 from .._faults import crash_point
@@ -240,9 +241,16 @@ class SQLiteStore:
     ) -> tuple[CommitRecord | None, list[int]]:
         """Read records newest first until one verifies: O(1) reads when nothing is corrupt."""
         discarded: list[int] = []
-        cursor = db.execute(
+        # Only the newest few rows are read, so the cursor is left unexhausted: close it, or
+        # whatever keeps this frame alive (a log record holding ``exc``) keeps its statement
+        # and read snapshot open, and the next BEGIN IMMEDIATE fails with "database is locked".
+        with closing(db.execute(
             "SELECT seq, record FROM commits WHERE task_no = ? ORDER BY seq DESC", (task_no,)
-        )
+        )) as cursor:
+            return self._first_valid(db, cursor, task_no, last_seq, discarded)
+
+    def _first_valid(self, db: sqlite3.Connection, cursor: sqlite3.Cursor, task_no: int,
+                     last_seq: int, discarded: list[int]) -> tuple[CommitRecord | None, list[int]]:
         for seq, raw in cursor:
             self.rows_read += 1
             try:
