@@ -17,11 +17,12 @@ from resumeflow.checkpoint import Store
 def sqlite_corrupt_latest(store: Store, task: str) -> None:
     """Cut the newest commit record of ``task`` in a SQLiteStore short, as a torn write."""
     assert isinstance(store, SQLiteStore)
-    db = store.connection
-    (task_no,) = db.execute("SELECT task_no FROM tasks WHERE task = ?", (task,)).fetchone()
-    db.execute(
-        "UPDATE commits SET record = substr(record, 1, 20) WHERE task_no = ?1 AND seq = "
-        "(SELECT max(seq) FROM commits WHERE task_no = ?1)", (task_no,))
+    with store._lock:  # take turns with the store's own writes and its compactor
+        store.connection.execute(
+            "UPDATE commits SET record = substr(record, 1, 20) WHERE task_no = "
+            "(SELECT task_no FROM tasks WHERE task = ?1) AND seq = (SELECT max(seq) FROM "
+            "commits WHERE task_no = (SELECT task_no FROM tasks WHERE task = ?1))",
+            (task,)).close()
 
 
 def read_jsonl(path: Path, *, keyed: bool = True) -> list[Any]:
