@@ -63,3 +63,15 @@ def test_window_commits_once_replay_max_seconds_is_reached(work: Any) -> None:
     assert all(50 <= size <= 62 for size in sizes[1:-1]), sizes
     assert sizes[-1] <= 62, sizes
     assert work.output("jsonl") == events.running_totals()
+
+
+def test_unbounded_window_commits_once_at_the_end(work: Any) -> None:
+    """``math.inf`` for both bounds means no bound: one commit, at the end of the input."""
+    import math
+
+    events = work.events(3000)
+    config = rf.RunConfig(replay_max_events=math.inf,  # type: ignore[arg-type]
+                          replay_max_seconds=math.inf)
+    summary = rf.run(work.flow(events), work.store, config)
+    assert summary.commits == 1 and windows(work, events) == [3000]
+    assert work.output("jsonl") == events.running_totals()
