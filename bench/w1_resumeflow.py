@@ -35,7 +35,7 @@ def main(src: Path, out: Path, mode: str) -> None:
         config = rf.RunConfig()
         label = "resumeflow, exactly-once, 100 ms / 100k commits"
     else:
-        config = rf.RunConfig(replay_max_events=math.inf,  # type: ignore[arg-type]
+        config = rf.RunConfig(replay_max_events=math.inf,
                               replay_max_seconds=math.inf)
         label = "resumeflow, commits disabled"
     summary = rf.run(build(src, out), store, config)

@@ -166,6 +166,19 @@ def test_lines_longer_than_a_read_chunk(tmp_path: Path) -> None:
     assert [b.start for b in batches] == [0, 8, 9 + len(big)]
 
 
+def test_a_long_line_does_not_stall_the_reader(tmp_path: Path) -> None:
+    """A line longer than a read chunk comes back from one ``read``: no empty reads (which
+    the runtime would answer with a poll sleep) before the end of a complete file."""
+    big = b'{"blob":"' + b"z" * (5 << 20) + b'"}'
+    path = write(tmp_path / "e.jsonl", big + b'\n{"i":2}\n')
+    reader = JsonLines(path).open("0", None, follow=False)
+    first = reader.read(10)
+    assert first is not None and first.items[0] == big
+    rest = reader.read(10)
+    assert rest is not None and list(rest.items) == [b'{"i":2}']
+    assert reader.read(10) is None and reader.at_end
+
+
 def test_decode_parses_json_and_fails_on_bad_lines(tmp_path: Path) -> None:
     """``decode`` returns the JSON value and raises on a malformed line."""
     source = JsonLines(write(tmp_path / "e.jsonl", b""))

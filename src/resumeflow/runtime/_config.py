@@ -43,7 +43,7 @@ class RunConfig:
     """
 
     guarantee: Literal["exactly-once", "at-least-once"] = "exactly-once"
-    replay_max_events: int = 100_000
+    replay_max_events: int | float = 100_000
     replay_max_seconds: float = 0.1
     keep_checkpoints: int = 10
     max_attempts: int = 3

@@ -56,7 +56,7 @@ class Recovery:
     age_s: float | None
     positions: dict[str, Any]
     state_keys: int
-    replay_bound: int
+    replay_bound: int | float
     to_replay: int | None
     discarded_seqs: tuple[int, ...]
     open_s: float
@@ -209,7 +209,7 @@ class TaskRunner:
         """Read and process one batch; returns the number of records read."""
         room = self.config.replay_max_events - self.window_events
         invariant(room > 0, f"{self.task_id}: replay window full without a commit")
-        batch = self.reader.read(min(self._batch_size, room))
+        batch = self.reader.read(int(min(self._batch_size, room)))
         if batch is None:
             return 0
         if batch.start < self._next_position:

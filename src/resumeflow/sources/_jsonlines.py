@@ -59,6 +59,9 @@ class _FileReader:
         buf = self._buf
         if len(buf) < _CHUNK_BYTES // 2 or b"\n" not in buf:
             more = self._file.read(_CHUNK_BYTES)
+            while more and b"\n" not in more:  # a line longer than a chunk: read on
+                buf += more
+                more = self._file.read(_CHUNK_BYTES)
             if more:
                 buf += more
             elif b"\n" not in buf:
