@@ -173,9 +173,7 @@ def test_a_long_line_does_not_stall_the_reader(tmp_path: Path) -> None:
     path = write(tmp_path / "e.jsonl", big + b'\n{"i":2}\n')
     reader = JsonLines(path).open("0", None, follow=False)
     first = reader.read(10)
-    assert first is not None and first.items[0] == big
-    rest = reader.read(10)
-    assert rest is not None and list(rest.items) == [b'{"i":2}']
+    assert first is not None and list(first.items) == [big, b'{"i":2}']
     assert reader.read(10) is None and reader.at_end
 
 
