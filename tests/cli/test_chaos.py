@@ -42,7 +42,8 @@ def test_chaos_on_the_example_pipeline_reports_no_violation(tmp_path: Path) -> N
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip()
             for line in table.splitlines() if line.count("│") >= 3}
     assert rows["lost"] == "0" and rows["duplicated"] == "0"
-    assert rows["kills (timed / inside the protocol)"].startswith("12 ")
+    kills = int(rows["kills (timed / inside the protocol)"].split()[0])
+    assert 6 <= kills <= 12  # a run that ends before its kill ends the chaos early
     replayed_max = int(rows["replayed per restart (median / max)"].split("/")[1].split()[0])
     assert replayed_max <= 20_000
     assert rows["checkpoint chain"] == "verifies"
