@@ -30,11 +30,12 @@ from ..errors import (
 from ._record import SCHEMA_VERSION, CommitRecord, decode_record, encode_record
 from ._sqlite_state import (
     COMPACT_AFTER,
+    COMPACT_ON_CLOSE_MAX_PAGES,
     MAX_TAIL_DELTAS,
     Compactor,
-    RecentDeltas,
+    TailIndex,
     compact,
-    encode_delta,
+    delta_rows,
     prune_history,
     roll_back_runs_after,
 )
@@ -63,7 +64,14 @@ CREATE TABLE IF NOT EXISTS commits (
 CREATE TABLE IF NOT EXISTS deltas (
     task_no INTEGER NOT NULL,
     seq INTEGER NOT NULL,
-    delta BLOB NOT NULL,
+    page_no INTEGER NOT NULL,
+    page BLOB NOT NULL,
+    PRIMARY KEY (task_no, seq, page_no)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS delta_dirs (
+    task_no INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    firsts BLOB NOT NULL,
     PRIMARY KEY (task_no, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS state (
@@ -125,7 +133,7 @@ class SQLiteStore:
         self.rows_read = 0
         """Rows read by ``open_task`` and ``load_state`` since the store opened."""
         self._lock = threading.Lock()
-        self._recent = RecentDeltas()
+        self._recent = TailIndex()
         self._compacted = threading.Condition()
         self._committed: dict[int, int] = {}
         self._commit_waiting = threading.Event()
@@ -280,10 +288,11 @@ class SQLiteStore:
                   f"task #{task_no}: going back to seq {seq} below compacted seq {compacted}")
         db.execute("DELETE FROM commits WHERE task_no = ? AND seq > ?", (task_no, seq))
         db.execute("DELETE FROM deltas WHERE task_no = ? AND seq > ?", (task_no, seq))
+        db.execute("DELETE FROM delta_dirs WHERE task_no = ? AND seq > ?", (task_no, seq))
         db.execute("DELETE FROM staged WHERE task_no = ? AND seq > ?", (task_no, seq))
 
     def _forget_task_state(self, db: sqlite3.Connection, task_no: int) -> None:
-        for table in ("commits", "deltas", "state", "undo", "staged"):
+        for table in ("commits", "deltas", "delta_dirs", "state", "undo", "staged"):
             db.execute(f"DELETE FROM {table} WHERE task_no = ?", (task_no,))
         db.execute("UPDATE tasks SET compacted_seq = 0, last_seq = 0 WHERE task_no = ?",
                    (task_no,))
@@ -291,15 +300,12 @@ class SQLiteStore:
     # -- state -----------------------------------------------------------------------------
 
     def load_state(self, task_no: int, key: bytes) -> bytes | None:
-        recent = self._recent.get(task_no)
-        if recent is None:
-            with self._lock:
-                recent, rows = self._recent.build(self.connection, task_no)
-            self.rows_read += rows
-        hit = recent.get(key)
-        if hit is not None:
-            return hit[1]
-        row = self.connection.execute(
+        db = self.connection
+        found, value, rows = self._recent.lookup(db, task_no, key)
+        self.rows_read += rows
+        if found:
+            return value
+        row = db.execute(
             "SELECT value FROM state WHERE task_no = ? AND key = ?", (task_no, key)
         ).fetchone()
         self.rows_read += 1
@@ -319,6 +325,11 @@ class SQLiteStore:
         invariant(record.epoch == opened.epoch, "record epoch differs from the task's epoch")
         record.verify()
         raw = encode_record(record)
+        pages: tuple[tuple[int, int, bytes], list[tuple[int, int, int, bytes]]] | None = None
+        firsts: list[bytes] = []
+        if delta:
+            directory, rows, firsts = delta_rows(opened.task_no, record.seq, delta)
+            pages = (directory, rows)
         self._commit_waiting.set()
         with self._lock:
             self._commit_waiting.clear()
@@ -326,15 +337,15 @@ class SQLiteStore:
             self._begin(db)
             try:
                 self._check_owner(db, opened, record)
-                self._write(db, opened.task_no, record, raw, delta, staged, release, in_store)
+                self._write(db, opened.task_no, record, raw, pages, staged, release, in_store)
                 crash_point("store.before_commit")
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
-            if delta:
-                self._recent.add(opened.task_no, record.seq, delta)
+            if firsts:
+                self._recent.add(opened.task_no, record.seq, firsts)
             compacted = db.execute("SELECT compacted_seq FROM tasks WHERE task_no = ?",
                                    (opened.task_no,)).fetchone()[0]
         self._committed[opened.task_no] = opened.epoch
@@ -377,11 +388,13 @@ class SQLiteStore:
                   f"task {opened.task!r} commits seq {record.seq} after seq {last_seq}")
 
     def _write(self, db: sqlite3.Connection, task_no: int, record: CommitRecord, raw: bytes,
-               delta: Sequence[tuple[bytes, bytes | None]], staged: Sequence[StagedEntry],
-               release: Sequence[tuple[str, int]], in_store: Sequence[InStoreWrite]) -> None:
+               pages: tuple[tuple[int, int, bytes], list[tuple[int, int, int, bytes]]] | None,
+               staged: Sequence[StagedEntry], release: Sequence[tuple[str, int]],
+               in_store: Sequence[InStoreWrite]) -> None:
         seq = record.seq
-        if delta:
-            db.execute("INSERT INTO deltas VALUES (?, ?, ?)", (task_no, seq, encode_delta(delta)))
+        if pages is not None:
+            db.execute("INSERT INTO delta_dirs VALUES (?, ?, ?)", pages[0])
+            db.executemany("INSERT INTO deltas VALUES (?, ?, ?, ?)", pages[1])
         for sink, upto in release:
             db.execute("DELETE FROM staged WHERE task_no = ? AND sink = ? AND seq <= ?",
                        (task_no, sink, upto))
@@ -491,9 +504,15 @@ class SQLiteStore:
         return target
 
     def close(self) -> None:
-        """Compact what this store committed (a clean restart then reads no delta), close."""
-        for task_no, epoch in self._committed.items():
-            self._compactor.request(task_no, epoch)
+        """Compact a short tail of what this store committed (a clean restart then reads no
+        delta; a long tail is left to the next run's compactor), then close."""
+        if self._db is not None:
+            for task_no, epoch in self._committed.items():
+                pages = self._db.execute(
+                    "SELECT count(*) FROM deltas d JOIN tasks t ON t.task_no = d.task_no "
+                    "WHERE d.task_no = ? AND d.seq > t.compacted_seq", (task_no,)).fetchone()[0]
+                if pages <= COMPACT_ON_CLOSE_MAX_PAGES:
+                    self._compactor.request(task_no, epoch)
         self._compactor.close()
         with self._lock:
             if self._db is not None:

@@ -1,14 +1,15 @@
 """Keyed state in SQLite: a delta blob per checkpoint, indexed into rows in the background.
 
-A checkpoint writes its changed keys as one encoded blob in ``deltas`` inside the commit
-transaction, so a commit costs in proportion to the keys changed, never to the state. A
+A checkpoint writes its changed keys, sorted, as a few encoded pages in ``deltas`` (with a
+directory of each page's first key in ``delta_dirs``) inside the commit transaction, so a
+commit costs in proportion to the keys changed, never to the state. A
 background compactor then applies the deltas after ``tasks.compacted_seq`` to the ``state``
 table (one row per key: O(1) cold reads), writing the values it overwrites as ``undo`` images
 in the same transactions. So:
 
 * the state of the newest checkpoint is the table overlaid with the uncompacted deltas (a
   short tail: the compactor follows the commits, and commits wait for it past
-  ``MAX_TAIL_DELTAS``);
+  ``MAX_TAIL_DELTAS``); a cold read looks a key up in one page per uncompacted delta;
 * any kept checkpoint ``S`` is restored exactly by rolling back the compaction runs that end
   after ``S`` (newest first) and discarding the deltas after ``S`` (fallback and rewind);
 * a compaction interrupted half-way is rolled back when the task is next opened, and a
@@ -18,6 +19,7 @@ in the same transactions. So:
 
 from __future__ import annotations
 
+import bisect
 import logging
 import queue
 import sqlite3
@@ -30,11 +32,14 @@ import msgspec
 
 __all__ = [
     "COMPACT_AFTER",
+    "COMPACT_ON_CLOSE_MAX_PAGES",
     "MAX_TAIL_DELTAS",
+    "PAGE_KEYS",
     "Compactor",
-    "RecentDeltas",
+    "TailIndex",
     "compact",
     "decode_delta",
+    "delta_rows",
     "encode_delta",
     "prune_history",
     "roll_back_runs_after",
@@ -45,6 +50,9 @@ log = logging.getLogger("resumeflow.store")
 COMPACT_AFTER = 4
 """Uncompacted deltas of a task that start a compaction (merging several deltas makes keys
 updated in every checkpoint cost one row write, not one per checkpoint)."""
+
+COMPACT_ON_CLOSE_MAX_PAGES = 1000
+"""A clean close compacts the tail only up to this many pages (about 128k keys)."""
 
 MAX_TAIL_DELTAS = 32
 """Uncompacted deltas a task may have before a commit waits for the compactor."""
@@ -67,67 +75,95 @@ def decode_delta(blob: bytes) -> Delta:
     return _decoder.decode(blob)
 
 
-class RecentDeltas:
-    """Per task, the newest value of every key changed in an uncompacted delta.
+PAGE_KEYS = 128
+"""Entries per delta page: a cold read decodes one page per uncompacted delta, at most."""
 
-    Built on the first cold read after a task opens from the uncompacted tail (a handful of
-    rows, independent of the state size). Commits only queue their deltas (O(1)); they are
-    merged on the next cold read, so a workload whose keys stay hot never pays for the map.
-    """
+
+def delta_rows(task_no: int, seq: int, delta: Sequence[tuple[bytes, bytes | None]]
+               ) -> tuple[tuple[int, int, bytes], list[tuple[int, int, int, bytes]], list[bytes]]:
+    """A delta as sorted pages plus a directory of each page's first key."""
+    items = sorted(delta)
+    pages = [items[i:i + PAGE_KEYS] for i in range(0, len(items), PAGE_KEYS)]
+    firsts = [page[0][0] for page in pages]
+    rows = [(task_no, seq, no, _encode(page)) for no, page in enumerate(pages)]
+    return (task_no, seq, _encode(firsts)), rows, firsts
+
+
+_firsts_decoder = msgspec.msgpack.Decoder(list[bytes])
+
+
+class TailIndex:
+    """Per task, a directory of the uncompacted deltas (each page's first key), so a cold read
+    fetches and decodes at most one page per uncompacted delta: its cost does not grow with
+    the state, nor with the size of the deltas. Decoded pages are cached until compacted."""
 
     def __init__(self) -> None:
-        self._by_task: dict[int, dict[bytes, tuple[int, bytes | None]]] = {}
-        self._queued: dict[int, list[tuple[int, Sequence[tuple[bytes, bytes | None]]]]] = {}
+        self._dirs: dict[int, list[tuple[int, list[bytes]]]] = {}
+        self._pages: dict[int, dict[tuple[int, int], dict[bytes, bytes | None]]] = {}
         self._lock = threading.Lock()
 
-    def get(self, task_no: int) -> dict[bytes, tuple[int, bytes | None]] | None:
-        """The map of a task with every queued delta merged, or ``None`` if not built."""
-        with self._lock:
-            recent = self._by_task.get(task_no)
-            queued = self._queued.pop(task_no, None)
-            if recent is not None and queued:
-                for seq, delta in queued:
-                    for key, value in delta:
-                        recent[key] = (seq, value)
-            return recent
-
-    def build(self, db: sqlite3.Connection,
-              task_no: int) -> tuple[dict[bytes, tuple[int, bytes | None]], int]:
-        """Load the uncompacted deltas of a task; returns the map and the rows read."""
-        recent: dict[bytes, tuple[int, bytes | None]] = {}
+    def _load(self, db: sqlite3.Connection, task_no: int) -> tuple[list[tuple[int, list[bytes]]],
+                                                                  int]:
         rows = db.execute(
-            "SELECT d.seq, d.delta FROM deltas d JOIN tasks t ON t.task_no = d.task_no "
+            "SELECT d.seq, d.firsts FROM delta_dirs d JOIN tasks t ON t.task_no = d.task_no "
             "WHERE d.task_no = ? AND d.seq > t.compacted_seq ORDER BY d.seq", (task_no,)
         ).fetchall()
-        for seq, blob in rows:
-            for key, value in decode_delta(bytes(blob)):
-                recent[key] = (seq, value)
+        dirs = [(int(seq), _firsts_decoder.decode(bytes(firsts))) for seq, firsts in rows]
         with self._lock:
-            self._by_task[task_no] = recent
-            self._queued.pop(task_no, None)
-        return recent, len(rows)
+            self._dirs[task_no] = dirs
+            self._pages[task_no] = {}
+        return dirs, len(rows)
 
-    def add(self, task_no: int, seq: int, delta: Sequence[tuple[bytes, bytes | None]]) -> None:
-        """Queue a committed delta (merged lazily by ``get``)."""
+    def lookup(self, db: sqlite3.Connection, task_no: int,
+               key: bytes) -> tuple[bool, bytes | None, int]:
+        """``(found, value, rows read)`` for ``key`` in the uncompacted deltas, newest first."""
+        rows = 0
         with self._lock:
-            if task_no in self._by_task:
-                self._queued.setdefault(task_no, []).append((seq, delta))
+            dirs = self._dirs.get(task_no)
+            if dirs is not None:
+                dirs = list(dirs)
+        if dirs is None:
+            dirs, rows = self._load(db, task_no)
+        pages = self._pages.setdefault(task_no, {})
+        for seq, firsts in reversed(dirs):
+            page_no = bisect.bisect_right(firsts, key) - 1
+            if page_no < 0:
+                continue
+            page = pages.get((seq, page_no))
+            if page is None:
+                row = db.execute(
+                    "SELECT page FROM deltas WHERE task_no = ? AND seq = ? AND page_no = ?",
+                    (task_no, seq, page_no)).fetchone()
+                rows += 1
+                if row is None:  # compacted and pruned meanwhile: the table has it
+                    break
+                page = dict(decode_delta(bytes(row[0])))
+                pages[(seq, page_no)] = page
+            if key in page:
+                return True, page[key], rows
+        return False, None, rows
+
+    def add(self, task_no: int, seq: int, firsts: list[bytes]) -> None:
+        """Record a committed delta's directory (if this task's directory is loaded)."""
+        with self._lock:
+            dirs = self._dirs.get(task_no)
+            if dirs is not None:
+                dirs.append((seq, firsts))
 
     def forget(self, task_no: int) -> None:
         with self._lock:
-            self._by_task.pop(task_no, None)
-            self._queued.pop(task_no, None)
+            self._dirs.pop(task_no, None)
+            self._pages.pop(task_no, None)
 
     def trim(self, task_no: int, upto: int) -> None:
-        """Drop entries now in the table (their delta seq is at or below ``upto``)."""
+        """Drop deltas now in the table (seq at or below ``upto``) and their cached pages."""
         with self._lock:
-            queued = self._queued.get(task_no)
-            if queued:
-                self._queued[task_no] = [(seq, d) for seq, d in queued if seq > upto]
-            recent = self._by_task.get(task_no)
-            if recent:
-                for key in [k for k, (seq, _) in recent.items() if seq <= upto]:
-                    del recent[key]
+            dirs = self._dirs.get(task_no)
+            if dirs is not None:
+                self._dirs[task_no] = [(seq, f) for seq, f in dirs if seq > upto]
+            pages = self._pages.get(task_no)
+            if pages:
+                self._pages[task_no] = {k: v for k, v in pages.items() if k[0] > upto}
 
 
 def _tail(db: sqlite3.Connection, task_no: int) -> tuple[int, int, int]:
@@ -137,7 +173,7 @@ def _tail(db: sqlite3.Connection, task_no: int) -> tuple[int, int, int]:
     return int(epoch), int(compacted), int(last)
 
 
-def compact(db: sqlite3.Connection, task_no: int, epoch: int, recent: RecentDeltas,
+def compact(db: sqlite3.Connection, task_no: int, epoch: int, recent: TailIndex,
             write_lock: threading.Lock | None = None,
             commit_waiting: threading.Event | None = None) -> bool:
     """Apply the uncompacted deltas of a task to its rows; False if there was nothing to do
@@ -148,8 +184,8 @@ def compact(db: sqlite3.Connection, task_no: int, epoch: int, recent: RecentDelt
         merged: dict[bytes, bytes | None] = {}
         if current == epoch and upto > since:
             for (blob,) in db.execute(
-                "SELECT delta FROM deltas WHERE task_no = ? AND seq > ? AND seq <= ? "
-                "ORDER BY seq", (task_no, since, upto)):
+                "SELECT page FROM deltas WHERE task_no = ? AND seq > ? AND seq <= ? "
+                "ORDER BY seq, page_no", (task_no, since, upto)):
                 merged.update(decode_delta(bytes(blob)))
         db.execute("COMMIT")
     except BaseException:
@@ -209,7 +245,7 @@ def _write_chunk(db: sqlite3.Connection, task_no: int, epoch: int, since: int, u
 
 
 def _finish(db: sqlite3.Connection, task_no: int, epoch: int, since: int, upto: int,
-            recent: RecentDeltas) -> bool:
+            recent: TailIndex) -> bool:
     db.execute("BEGIN IMMEDIATE")
     try:
         if not _owned(db, task_no, epoch, since):
@@ -262,6 +298,7 @@ def prune_history(db: sqlite3.Connection, task_no: int, oldest_kept: int) -> Non
                            (task_no,)).fetchone()[0]
     keep_after = min(int(floor), int(compacted)) if floor is not None else int(compacted)
     db.execute("DELETE FROM deltas WHERE task_no = ? AND seq <= ?", (task_no, keep_after))
+    db.execute("DELETE FROM delta_dirs WHERE task_no = ? AND seq <= ?", (task_no, keep_after))
 
 
 class Compactor:
@@ -269,7 +306,7 @@ class Compactor:
 
     Args:
         path: the database file.
-        recent: the store's map of uncompacted keys (trimmed after each run).
+        recent: the store's index of uncompacted deltas (trimmed after each run).
         on_done: called after each run (to wake commits waiting for the tail to shrink).
         write_lock: taken around each write transaction, shared with the store's commits so
             they wait for one short chunk instead of polling SQLite's busy handler.
@@ -277,7 +314,7 @@ class Compactor:
             first between chunks.
     """
 
-    def __init__(self, path: Path, recent: RecentDeltas, on_done: Callable[[], None],
+    def __init__(self, path: Path, recent: TailIndex, on_done: Callable[[], None],
                  write_lock: threading.Lock, commit_waiting: threading.Event) -> None:
         self._path = path
         self._write_lock = write_lock
@@ -310,7 +347,10 @@ class Compactor:
 
     def _run(self) -> None:
         db = sqlite3.connect(self._path, isolation_level=None, timeout=60.0)
-        db.execute("PRAGMA synchronous=FULL")
+        # No fsync per compaction transaction: a lost suffix of them after a power cut is a
+        # compaction that stopped earlier (its partial run is undone at the next open), and
+        # the next FULL commit of the store's connection makes everything before it durable.
+        db.execute("PRAGMA synchronous=NORMAL")
         try:
             while (item := self._queue.get()) is not None:
                 task_no, epoch = item
