@@ -145,7 +145,9 @@ class TaskRunner:
         load = partial(self.store.load_state, self.opened.task_no)
         return {
             op.name: KeyedState(load, namespace=op.name, max_hot_keys=self.config.max_hot_keys,
-                                keys_committed=self.stats.get(f"keys:{op.name}", 0))
+                                keys_committed=self.stats.get(f"keys:{op.name}", 0),
+                                known_empty=self.opened.record is None
+                                or self.stats.get(f"keys:{op.name}", -1) == 0)
             for op in self.flow.operators if op.stateful
         }
 

@@ -36,14 +36,17 @@ class KeyedState:
     Args:
         load: reads one encoded key's committed value (``None`` when absent).
         namespace: prefix of this state's keys in the store (the operator's state name).
+        known_empty: the store holds no value of this state (a new task, or a checkpoint
+            that counted zero keys): cold reads are skipped until a key is evicted.
         max_hot_keys: clean keys beyond this are evicted at ``evict()``; ``math.inf`` keeps all.
         keys_committed: number of keys with a value at the last checkpoint.
     """
 
-    __slots__ = ("_load", "_prefix", "dirty", "keys", "loads", "max_hot_keys", "values")
+    __slots__ = ("_cold", "_load", "_prefix", "dirty", "keys", "loads", "max_hot_keys", "values")
 
     def __init__(self, load: Callable[[bytes], bytes | None], *, max_hot_keys: float,
-                 keys_committed: int = 0, namespace: str = "") -> None:
+                 keys_committed: int = 0, namespace: str = "",
+                 known_empty: bool = False) -> None:
         self._load = load
         self._prefix = namespace.encode() + b"\x00" if namespace else b""
         self.values: dict[Any, Any] = {}
@@ -51,6 +54,9 @@ class KeyedState:
         self.max_hot_keys = max_hot_keys
         self.keys = keys_committed
         """Keys that have a value, counting changes not yet committed."""
+        self._cold = not known_empty
+        """Whether the store may hold a value this cache does not: not while the state was
+        empty at open and nothing has been evicted (building state then reads nothing)."""
         self.loads = 0
         """Cold reads from the store since the state opened."""
 
@@ -59,7 +65,7 @@ class KeyedState:
 
         A key that is dirty but not hot was deleted since the last checkpoint.
         """
-        if key in self.dirty:
+        if not self._cold or key in self.dirty:
             return MISSING
         self.loads += 1
         try:
@@ -127,4 +133,6 @@ class KeyedState:
             if key not in dirty:
                 del self.values[key]
                 dropped += 1
+        if dropped:
+            self._cold = True
         return dropped
