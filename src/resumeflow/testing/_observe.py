@@ -27,6 +27,7 @@ VIOLATION_KINDS = (
     "stale_epoch_commit",
     "state_mismatch",
     "output_mismatch",
+    "broken_chain",
     "stalled",
     "error",
 )
@@ -81,6 +82,16 @@ class ObservedStore:
         self._high_water = high_water
         self._bound = replay_max_events
         self._seen: dict[str, _Seen] = {}
+
+    def over(self, inner: Store) -> ObservedStore:
+        """An observer of another handle on the same durable store (another process's
+        connection) that shares everything this one has seen."""
+        twin = ObservedStore(inner, partition_of=self._partition_of,
+                             high_water=self._high_water, replay_max_events=self._bound)
+        twin.violations = self.violations
+        twin.replays = self.replays
+        twin._seen = self._seen
+        return twin
 
     def accepted(self, task: str) -> list[CommitRecord]:
         """Every commit the store accepted for ``task``, in order."""

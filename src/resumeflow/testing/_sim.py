@@ -18,12 +18,15 @@ import hashlib
 import logging
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from .._faults import installed
+from ..checkpoint import Store
 from ..errors import FencedError, UnavailableError
 from ..flow import Flow
 from ..runtime import RunConfig, TaskRunner
+from ..sinks import SinkContext, SinkWriter
+from ._check import Outcome, outcome
 from ._clock import FakeClock
 from ._crash import SimulatedCrash
 from ._observe import ObservedStore, Violation
@@ -32,10 +35,29 @@ from ._sink import MemorySink
 from ._source import MemorySource
 from ._store import MemoryStore
 
-__all__ = ["BuildFlow", "InjectedUserError", "Schedule"]
+__all__ = ["BuildFlow", "FaultySink", "FaultyStore", "InjectedUserError", "Schedule"]
 
-BuildFlow = Callable[[MemorySource, MemorySink], Flow]
-"""Builds the flow under test on the simulator's source and sink."""
+BuildFlow = Callable[[MemorySource, Any], Flow]
+"""Builds the flow under test on the simulator's source and sink (a ``MemorySink`` on the
+memory backend, a real sink on the SQLite backend)."""
+
+
+class FaultyStore(Protocol):
+    """A store whose next commits can be made to fail, to be slow or to tear."""
+
+    fail_writes: int
+    slow_write_s: float
+    tear_next: bool
+
+
+class FaultySink(Protocol):
+    """A sink whose next pre-commits and finalizes can be made to fail."""
+
+    name: str
+    fail_precommits: int
+    fail_finalizes: int
+
+    def open(self, ctx: SinkContext) -> SinkWriter: ...
 
 _TAKEOVER_POINTS = frozenset({
     "batch.mid", "commit.before_precommit", "commit.after_precommit", "commit.after_store",
@@ -62,6 +84,9 @@ class Schedule:
         sink_type: the sink class for output and dead letters (a ``MemorySink`` subclass).
     """
 
+    takeover_points = _TAKEOVER_POINTS
+    """Crash points where a takeover may be drawn instead of a crash."""
+
     def __init__(self, build_flow: BuildFlow, inputs: dict[str, list[Any]], plan: FaultPlan,
                  *, trace: Callable[[str], None] | None = None,
                  store_type: type[MemoryStore] = MemoryStore,
@@ -70,6 +95,7 @@ class Schedule:
         self.inputs = inputs
         self._trace = trace
         self._events = hashlib.sha256()
+        self._redact: str | None = None
         self.rng = random.Random(plan.seed * 7919 + 1)
         self.clock = FakeClock()
         envelopes = {p: [(p, i, v) for i, v in enumerate(values)] for p, values in inputs.items()}
@@ -77,9 +103,10 @@ class Schedule:
             envelopes, redeliver_rate=plan.redeliver_rate, reorder_rate=plan.reorder_rate,
             stall_rate=plan.stall_rate, rng=random.Random(plan.seed * 7919 + 2),
             decode=self._decode)
-        self.sink = sink_type("out")
-        self.dead = sink_type("dead-letters")
-        self.store = store_type(keep_checkpoints=plan.keep_checkpoints, clock=self.clock)
+        self.sink: FaultySink
+        self.dead: FaultySink
+        self.sink, self.dead = self._make_sinks(sink_type)
+        self.store: Store = self._make_store(store_type)
         self.flow = build_flow(self.source, self.sink)
         self._wrap_user_code(self.flow)
         self.config = RunConfig(
@@ -106,9 +133,53 @@ class Schedule:
         self._record: tuple[str, int] | None = None
         self._injected: set[tuple[str, int]] = set()
 
+    # -- backends (the SQLite schedule overrides these) ----------------------------------------
+
+    def _make_sinks(self, sink_type: type[MemorySink]) -> tuple[FaultySink, FaultySink]:
+        """The output and dead-letter sinks."""
+        return sink_type("out"), sink_type("dead-letters")
+
+    def _make_store(self, store_type: type[MemoryStore]) -> Store:
+        """The store the observer watches (here the one store every runner shares)."""
+        self._memory = store_type(keep_checkpoints=self.plan.keep_checkpoints, clock=self.clock)
+        return self._memory
+
+    def _new_runner(self, partition: str) -> TaskRunner:
+        """A runner for ``partition``, as a new process would make it."""
+        return TaskRunner(
+            flow=self.flow, partition=partition, partitions=len(self.partitions),
+            store=self.observed, config=self.config, dead_letters=self.dead,
+            clock=self.clock.monotonic, wall=self.clock.time, sleep=self.clock.sleep,
+            rng=random.Random(self.plan.seed), store_path=None)
+
+    def _fault_stores(self, runner: TaskRunner | None) -> list[FaultyStore]:
+        """The stores a fault drawn for ``runner``'s commit applies to (``None``: all)."""
+        return [self._memory]
+
+    def _retire(self, runner: TaskRunner, *, crashed: bool) -> None:
+        """``runner`` is gone (crashed, fenced or done): release what its process held."""
+
+    def outcome(self) -> tuple[Outcome, list[Violation]]:
+        """What the run left durable, and any violation found reading it."""
+        sink, dead = self.sink, self.dead
+        if not (isinstance(sink, MemorySink) and isinstance(dead, MemorySink)):
+            raise TypeError(f"the memory schedule reads MemorySinks, not {sink!r}, {dead!r}")
+        return outcome(tasks=self.task_of, guarantee=self.plan.guarantee, sink=sink,
+                       dead=dead, store=self._memory, observed=self.observed), []
+
+    def expected(self, reference: Outcome) -> Outcome:
+        """What this schedule's backends must hold, given the memory reference run."""
+        return reference
+
+    def cleanup(self) -> None:
+        """Release what the schedule holds once its outcome is read (files, for real
+        backends)."""
+
     # -- events ----------------------------------------------------------------------------
 
     def _event(self, text: str) -> None:
+        if self._redact:
+            text = text.replace(self._redact, "$DIR")
         self._events.update(text.encode())
         if self._trace is not None:
             self._trace(f"[t={self.clock.monotonic():.4f}] {text}")
@@ -157,7 +228,7 @@ class Schedule:
         if self.rng.random() >= self.plan.crash_rate:
             return
         runner = self._current
-        if (runner is not None and not self._in_open and point in _TAKEOVER_POINTS
+        if (runner is not None and not self._in_open and point in self.takeover_points
                 and self.owners.get(runner.partition) is runner
                 and self.rng.random() < self.plan.takeover_rate):
             self._spend(f"takeover of {runner.task_id} at {point}")
@@ -166,12 +237,14 @@ class Schedule:
         self._spend(f"crash at {point}")
         raise SimulatedCrash(point)
 
-    def _arm_commit(self) -> None:
+    def _arm_commit(self, runner: TaskRunner) -> None:
         if not self.faulting or self.faults_left <= 0:
             return
         plan, rng = self.plan, self.rng
         if rng.random() < plan.store_slow_rate:
-            self.store.slow_write_s = rng.choice([0.01, 0.2, 2.0])
+            slow_s = rng.choice([0.01, 0.2, 2.0])
+            for store in self._fault_stores(runner):
+                store.slow_write_s = slow_s
         draw = rng.random()
         for rate, arm in ((plan.store_fail_rate, "store write fails"),
                           (plan.tear_rate, "torn commit record"),
@@ -179,15 +252,17 @@ class Schedule:
                           (plan.finalize_fail_rate, "sink finalize fails")):
             if draw < rate:
                 self._spend(arm)
-                self._set_fault(arm)
+                self._set_fault(arm, runner)
                 return
             draw -= rate
 
-    def _set_fault(self, arm: str) -> None:
+    def _set_fault(self, arm: str, runner: TaskRunner) -> None:
         if arm == "store write fails":
-            self.store.fail_writes = 1
+            for store in self._fault_stores(runner):
+                store.fail_writes = 1
         elif arm == "torn commit record":
-            self.store.tear_next = True
+            for store in self._fault_stores(runner):
+                store.tear_next = True
         else:
             sink = self.sink if self.rng.random() < 0.8 else self.dead
             if arm == "sink pre-commit fails":
@@ -196,20 +271,17 @@ class Schedule:
                 sink.fail_finalizes = 1
 
     def _disarm(self) -> None:
-        self.store.fail_writes = 0
-        self.store.slow_write_s = 0.0
-        self.store.tear_next = False
+        for store in self._fault_stores(None):
+            store.fail_writes = 0
+            store.slow_write_s = 0.0
+            store.tear_next = False
         for sink in (self.sink, self.dead):
             sink.fail_precommits = sink.fail_finalizes = 0
 
     # -- tasks -----------------------------------------------------------------------------
 
     def _open(self, partition: str) -> TaskRunner | None:
-        runner = TaskRunner(
-            flow=self.flow, partition=partition, partitions=len(self.partitions),
-            store=self.observed, config=self.config, dead_letters=self.dead,
-            clock=self.clock.monotonic, wall=self.clock.time, sleep=self.clock.sleep,
-            rng=random.Random(self.plan.seed), store_path=None)
+        runner = self._new_runner(partition)
         previous, was_in_open = self._current, self._in_open
         self._current, self._in_open = runner, True
         if self.faulting and self.faults_left > 0 and \
@@ -221,10 +293,12 @@ class Schedule:
         except (SimulatedCrash, UnavailableError) as exc:
             self._event(f"open of {runner.task_id} failed: {type(exc).__name__}: {exc}")
             self.owners[partition] = None
+            self._retire(runner, crashed=True)
             return None
         except Exception as exc:
             self._error(runner, "open", exc)
             self.owners[partition] = None
+            self._retire(runner, crashed=True)
             return None
         finally:
             self._current, self._in_open = previous, was_in_open
@@ -247,6 +321,7 @@ class Schedule:
             self.counts["restarts"] += 1
         elif runner in self.zombies:
             self.zombies.remove(runner)
+        self._retire(runner, crashed=True)
 
     def _error(self, runner: TaskRunner, what: str, exc: BaseException) -> None:
         self.violations.append(Violation(
@@ -264,7 +339,7 @@ class Schedule:
         if not (runner.commit_due() or runner.at_end
                 or self.rng.random() < self.plan.early_commit_rate * self.faulting):
             return
-        self._arm_commit()
+        self._arm_commit(runner)
         try:
             record = runner.commit()
         finally:
@@ -307,6 +382,8 @@ class Schedule:
                 self._liveness_phase()
         finally:
             logger.setLevel(level)
+            for runner in [*self.zombies, *(r for r in self.owners.values() if r is not None)]:
+                self._retire(runner, crashed=False)
         self.violations[:0] = self.observed.violations
         return self.violations
 
@@ -327,6 +404,8 @@ class Schedule:
         self.faulting = False
         self._disarm()
         self.source.quiet()
+        for zombie in self.zombies:
+            self._retire(zombie, crashed=False)
         self.zombies.clear()
         self._event("liveness phase")
         total = sum(len(v) for v in self.inputs.values())

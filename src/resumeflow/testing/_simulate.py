@@ -13,16 +13,22 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from ._check import Outcome, compare, outcome
+from ._check import Outcome, compare
 from ._observe import Violation
 from ._plan import FaultPlan
 from ._sim import BuildFlow, Schedule
 from ._sink import MemorySink
+from ._sqlite_sim import SQLiteBackend, SQLiteSchedule
 from ._store import MemoryStore
 
-__all__ = ["ScheduleResult", "SimReport", "run_schedule", "simulate"]
+__all__ = ["Backend", "ScheduleResult", "SimReport", "make_schedule", "run_schedule",
+           "simulate"]
+
+Backend = Literal["memory", "sqlite"] | SQLiteBackend
+"""Where schedules run: the memory backends, or ``SQLiteStore`` and real sinks (``"sqlite"``
+is ``SQLiteBackend()``: the sink drawn per seed, the background compactor)."""
 
 
 @dataclass(kw_only=True)
@@ -38,6 +44,7 @@ class ScheduleResult:
         replays: records re-read after each resume.
         fingerprint: digest of the event sequence (equal for equal seeds).
         replay: how to replay it.
+        backend: where it ran (``memory``, or the SQLite backend with its sink).
     """
 
     plan: FaultPlan
@@ -48,6 +55,7 @@ class ScheduleResult:
     replays: list[int]
     fingerprint: str
     replay: str
+    backend: str = "memory"
 
     @property
     def seed(self) -> int:
@@ -55,7 +63,7 @@ class ScheduleResult:
 
     def message(self) -> str:
         """What failed, the fault plan, and how to replay it."""
-        lines = [f"resumeflow simulator: schedule seed {self.seed} broke "
+        lines = [f"resumeflow simulator: schedule seed {self.seed} on {self.backend} broke "
                  f"{len(self.violations)} invariant(s):"]
         lines += [f"  - {v}" for v in self.violations[:10]]
         lines += ["fault plan (non-zero fields):", self.plan.describe(),
@@ -135,42 +143,64 @@ def _reference(build_flow: BuildFlow, inputs: dict[str, list[Any]], guarantee: s
         raise AssertionError(
             "the fault-free reference run itself failed, so the flow cannot be checked:\n"
             + "\n".join(f"  - {v}" for v in violations))
-    return _outcome(schedule)
+    return schedule.outcome()[0]
 
 
-def _outcome(schedule: Schedule) -> Outcome:
-    return outcome(tasks=schedule.task_of, guarantee=schedule.plan.guarantee,
-                   sink=schedule.sink, dead=schedule.dead, store=schedule.store,
-                   observed=schedule.observed)
+def make_schedule(build_flow: BuildFlow, inputs: dict[str, list[Any]], plan: FaultPlan, *,
+                  backend: Backend = "memory", trace: Callable[[str], None] | None = None,
+                  store_type: type[MemoryStore] = MemoryStore,
+                  sink_type: type[MemorySink] = MemorySink) -> Schedule:
+    """The schedule of ``plan`` on ``backend`` (``store_type`` and ``sink_type``: memory
+    backend only); call its ``cleanup()`` once its outcome is read."""
+    if backend == "memory":
+        return Schedule(build_flow, inputs, plan, trace=trace, store_type=store_type,
+                        sink_type=sink_type)
+    real = SQLiteBackend() if backend == "sqlite" else backend
+    if not isinstance(real, SQLiteBackend):
+        raise ValueError(f"backend {backend!r} is unknown; use 'memory', 'sqlite' or a "
+                         "SQLiteBackend")
+    return SQLiteSchedule(build_flow, inputs, plan, backend=real, trace=trace)
 
 
 def run_schedule(build_flow: BuildFlow, inputs: dict[str, list[Any]], plan: FaultPlan, *,
                  replay: str, reference: Outcome | None = None,
                  trace: Callable[[str], None] | None = None,
                  store_type: type[MemoryStore] = MemoryStore,
-                 sink_type: type[MemorySink] = MemorySink) -> ScheduleResult:
-    """Run one schedule and check it against ``reference`` (computed when not given, with
-    the plain memory backends)."""
+                 sink_type: type[MemorySink] = MemorySink,
+                 backend: Backend = "memory") -> ScheduleResult:
+    """Run one schedule on ``backend`` and check it against ``reference``: a fault-free run
+    on the plain memory backends (computed when not given)."""
     if reference is None:
         reference = _reference(build_flow, inputs, plan.guarantee, plan.seed)
-    schedule = Schedule(build_flow, inputs, plan, trace=trace, store_type=store_type,
-                        sink_type=sink_type)
-    violations = schedule.run()
-    result = _outcome(schedule)
+    schedule = make_schedule(build_flow, inputs, plan, backend=backend, trace=trace,
+                             store_type=store_type, sink_type=sink_type)
+    try:
+        violations = schedule.run()
+        try:
+            result, problems = schedule.outcome()
+        except Exception as exc:  # what the run left cannot even be read
+            result, problems = Outcome(), [Violation(
+                kind="error", task="", detail=f"reading the outcome raised "
+                f"{type(exc).__name__}: {exc}")]
+    finally:
+        schedule.cleanup()
+    violations += problems
     if not any(v.kind == "error" for v in violations):
         ends = {schedule.task_of[p]: len(records) for p, records in inputs.items()}
-        violations += compare(reference, result, ends)
+        violations += compare(schedule.expected(reference), result, ends)
+    where = schedule.backend.describe() if isinstance(schedule, SQLiteSchedule) else "memory"
     return ScheduleResult(
         plan=plan, violations=violations, sim_seconds=schedule.clock.monotonic(),
         counts=dict(schedule.counts), duplicates=result.duplicates,
         replays=list(schedule.observed.replays), fingerprint=schedule.fingerprint,
-        replay=replay)
+        replay=replay, backend=where)
 
 
 def simulate(build_flow: BuildFlow, inputs: dict[str, list[Any]] | list[Any], *,
              schedules: int = 1000, seed: int = 0, guarantee: str | None = None,
              raise_on_violation: bool = True, store_type: type[MemoryStore] = MemoryStore,
-             sink_type: type[MemorySink] = MemorySink) -> SimReport:
+             sink_type: type[MemorySink] = MemorySink,
+             backend: Backend = "memory") -> SimReport:
     """Run ``schedules`` seeded fault schedules of a flow and check every invariant.
 
     Args:
@@ -185,6 +215,9 @@ def simulate(build_flow: BuildFlow, inputs: dict[str, list[Any]] | list[Any], *,
             (after running them all) instead of only returning the report.
         store_type: the store class of the faulty runs (``MemoryStore`` or a subclass).
         sink_type: the sink class of the faulty runs (``MemorySink`` or a subclass).
+        backend: ``"memory"``, or ``"sqlite"`` / a ``SQLiteBackend`` to run the faulty runs
+            on ``SQLiteStore`` with JSON-lines or SQLite-table sinks (the reference always
+            runs on memory: the real backends must agree with it).
     """
     parts = inputs if isinstance(inputs, dict) else {"0": list(inputs)}
     parts = {str(p): list(v) for p, v in parts.items()}
@@ -197,10 +230,12 @@ def simulate(build_flow: BuildFlow, inputs: dict[str, list[Any]] | list[Any], *,
         if plan.guarantee not in references:
             references[plan.guarantee] = _reference(build_flow, parts, plan.guarantee, s)
         forced = f", guarantee={guarantee!r}" if guarantee else ""
+        if backend != "memory":
+            forced += f", backend={backend!r}"
         replay = f"simulate({name}, inputs, seed={s}, schedules=1{forced})"
         report.add(run_schedule(build_flow, parts, plan, replay=replay,
                                 reference=references[plan.guarantee], store_type=store_type,
-                                sink_type=sink_type))
+                                sink_type=sink_type, backend=backend))
     report.wall_seconds = time.perf_counter() - started
     if raise_on_violation:
         report.check()
