@@ -120,7 +120,8 @@ def decode_record(data: bytes) -> CommitRecord:
     """Decode and verify a stored record. A decoder error is corruption, like a bad digest."""
     try:
         record = _record_decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # msgspec raises UnicodeDecodeError, not DecodeError, for invalid UTF-8 in a string.
         raise CorruptCheckpointError(f"commit record cannot be decoded: {exc}") from exc
     if record.schema_version > SCHEMA_VERSION:
         raise CorruptCheckpointError(

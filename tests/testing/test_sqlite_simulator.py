@@ -1,0 +1,45 @@
+"""The seeded simulator on the real embedded backends: SQLiteStore, JSON-lines and table sinks."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from resumeflow import SQLiteStore
+from resumeflow.checkpoint import GENESIS_DIGEST, decode_record, make_record
+from resumeflow.errors import CorruptCheckpointError
+
+
+def test_a_record_with_an_invalid_utf8_byte_is_corrupt(tmp_path: Path) -> None:
+    """A newest record with an invalid UTF-8 byte in a string is corruption: open falls back
+    to the record before (the SQLite simulator, seed 14, found it raising instead)."""
+    path = tmp_path / "store.db"
+    store = SQLiteStore(path, keep_checkpoints=3)
+    opened = store.open_task("t")
+    digest = GENESIS_DIGEST
+    for seq in (1, 2):
+        record = make_record(task="t", epoch=opened.epoch, seq=seq, positions={"0": seq},
+                             sink_txn={}, inflight=[], created_at=0.0, stats={},
+                             prev_digest=digest)
+        store.commit(opened, record, [(b"k", b"%d" % seq)], [], [])
+        digest = record.digest
+    store.close()
+    db = sqlite3.connect(path)
+    raw = bytes(db.execute("SELECT record FROM commits WHERE seq = 2").fetchone()[0])
+    at = raw.index(b'"task":"t"') + len(b'"task":"')
+    torn = raw[:at] + b"\xff" + raw[at + 1:]
+    db.execute("UPDATE commits SET record = ? WHERE seq = 2", (torn,))
+    db.commit()
+    db.close()
+    with pytest.raises(CorruptCheckpointError, match="cannot be decoded"):
+        decode_record(torn)
+    reopened = SQLiteStore(path, keep_checkpoints=3)
+    try:
+        again = reopened.open_task("t")
+        assert again.record is not None and again.record.seq == 1
+        assert again.discarded_seqs == (2,)
+        assert reopened.load_state(again.task_no, b"k") == b"1"
+    finally:
+        reopened.close()
