@@ -11,6 +11,8 @@ from resumeflow import SQLiteStore
 from resumeflow.checkpoint import GENESIS_DIGEST, decode_record, make_record
 from resumeflow.errors import CorruptCheckpointError
 
+from .conftest import sqlite_corrupt_latest
+
 
 def test_a_record_with_an_invalid_utf8_byte_is_corrupt(tmp_path: Path) -> None:
     """A newest record with an invalid UTF-8 byte in a string is corruption: open falls back
@@ -40,6 +42,37 @@ def test_a_record_with_an_invalid_utf8_byte_is_corrupt(tmp_path: Path) -> None:
         again = reopened.open_task("t")
         assert again.record is not None and again.record.seq == 1
         assert again.discarded_seqs == (2,)
+        assert reopened.load_state(again.task_no, b"k") == b"1"
+    finally:
+        reopened.close()
+
+
+@pytest.mark.parametrize("after", ["fallback", "rewind"])
+def test_going_back_across_a_compaction_of_no_keys(tmp_path: Path, after: str) -> None:
+    """Checkpoints that changed no state, once compacted, can still be fallen back or rewound
+    across (the SQLite simulator, seed 224, found open failing an invariant forever)."""
+    path = tmp_path / "store.db"
+    store = SQLiteStore(path, keep_checkpoints=3)
+    opened = store.open_task("t")
+    digest = GENESIS_DIGEST
+    for seq in (1, 2, 3):
+        record = make_record(task="t", epoch=opened.epoch, seq=seq, positions={"0": seq},
+                             sink_txn={}, inflight=[], created_at=0.0, stats={},
+                             prev_digest=digest)
+        store.commit(opened, record, [(b"k", b"1")] if seq == 1 else [], [], [])
+        digest = record.digest
+        if seq != 2:
+            assert store.compact() == 1  # runs (0, 1] with key k, then (1, 3] with none
+    if after == "fallback":
+        sqlite_corrupt_latest(store, "t")
+    else:
+        store.rewind("t", 2)
+    store.close()
+    reopened = SQLiteStore(path, keep_checkpoints=3)
+    try:
+        again = reopened.open_task("t")
+        assert again.record is not None and again.record.seq == 2
+        assert again.discarded_seqs == ((3,) if after == "fallback" else ())
         assert reopened.load_state(again.task_no, b"k") == b"1"
     finally:
         reopened.close()

@@ -195,7 +195,9 @@ def compact(db: sqlite3.Connection, task_no: int, epoch: int, recent: TailIndex,
         return False
     lock = write_lock or threading.Lock()
     keys = sorted(merged)
-    for chunk_no, start in enumerate(range(0, len(keys), _CHUNK_KEYS)):
+    # A run with no keys (checkpoints that changed no state) still writes one, empty, undo
+    # chunk: a fallback or rewind across the run finds it and takes compacted_seq back.
+    for chunk_no, start in enumerate(range(0, max(len(keys), 1), _CHUNK_KEYS)):
         chunk = keys[start:start + _CHUNK_KEYS]
         _yield_to_commits(commit_waiting)
         with lock:  # short turns: a commit waits for one chunk at most
