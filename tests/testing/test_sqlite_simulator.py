@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from resumeflow import SQLiteStore
 from resumeflow.checkpoint import GENESIS_DIGEST, decode_record, make_record
 from resumeflow.errors import CorruptCheckpointError
+from resumeflow.sinks import JsonLinesSink, SinkContext, SinkWriter
 
 from .conftest import sqlite_corrupt_latest
 
@@ -76,3 +78,28 @@ def test_going_back_across_a_compaction_of_no_keys(tmp_path: Path, after: str) -
         assert reopened.load_state(again.task_no, b"k") == b"1"
     finally:
         reopened.close()
+
+
+def test_at_least_once_records_name_the_bytes_written_after_a_zombie(tmp_path: Path) -> None:
+    """Under at-least-once, a commit's JSON-lines meta names the bytes its writer appended,
+    even after a paused old owner appended to the file (the SQLite simulator, seed 1587,
+    found records naming the zombie's line instead)."""
+    sink = JsonLinesSink(tmp_path / "out.jsonl")
+
+    def writer(epoch: int) -> SinkWriter:
+        ctx = SinkContext(sink_id="out", task="t", partition="0", partitions=1, keyed=False,
+                          guarantee="at-least-once", store_path=None, epoch=epoch)
+        opened = sink.open(ctx)
+        opened.recover(None, [])
+        return opened
+
+    zombie, owner = writer(1), writer(2)
+    zombie.buffer.append({"from": "zombie"})
+    zombie.precommit(5)
+    owner.buffer.append({"from": "owner"})
+    meta = owner.precommit(5).meta
+    assert meta is not None
+    data = (tmp_path / "out.jsonl").read_bytes()
+    assert json.loads(data[meta["base"]:meta["end"]]) == {"from": "owner"}
+    zombie.close()
+    owner.close()

@@ -179,21 +179,30 @@ class _JsonLinesWriter:
     def precommit(self, seq: int) -> Precommit:
         payload = self._encode() if self.buffer else b""
         self.buffer.clear()
+        if not self._exactly_once:
+            return Precommit(meta=self._append_now(payload))
         base = self._length
         meta: dict[str, Any] = {"file": str(self.path), "base": base, "end": base + len(payload)}
         self._length = base + len(payload)
-        if not self._exactly_once:
-            if payload:
-                self._file.write(payload)
-                self._file.flush()
-                os.fsync(self._file.fileno())
-            return Precommit(meta=meta)
         if not payload:
             return Precommit(meta=meta)
         self._stage(payload, meta)
         self._pending[seq] = (meta, payload)
         return Precommit(meta=meta, staged=StagedEntry(sink=self.ctx.sink_id, seq=seq,
                                                        meta=meta, payload=b""))
+
+    def _append_now(self, payload: bytes) -> dict[str, Any]:
+        """At-least-once: append the payload durably now; the meta names the bytes written,
+        wherever the file ends (a paused old owner may have appended since this writer
+        opened)."""
+        with self._locked():
+            base = self._size()
+            if payload:
+                self._file.write(payload)
+                self._file.flush()
+                os.fsync(self._file.fileno())
+        self._length = base + len(payload)
+        return {"file": str(self.path), "base": base, "end": base + len(payload)}
 
     def _stage(self, payload: bytes, meta: dict[str, Any]) -> None:
         """Write the payload durably to this owner's staging file, reusing it from the start:
