@@ -12,7 +12,7 @@ def test_testing_exports_are_pinned() -> None:
     """resumeflow.testing re-exports this list and nothing else through __all__."""
     assert sorted(testing.__all__) == sorted([
         "VIOLATION_KINDS", "FakeClock", "FaultPlan", "InjectedUserError", "MemorySink",
-        "MemorySource", "MemoryStore", "ObservedStore", "Outcome", "Schedule",
+        "MemorySource", "MemoryStore", "ObservedStore", "Outcome", "SQLiteBackend", "Schedule",
         "ScheduleResult", "SimReport", "SimulatedCrash", "SinkEntry", "SinkFixture",
         "Violation", "check_sink", "check_source", "check_store", "run_schedule", "simulate",
     ])

@@ -34,9 +34,17 @@ What is here, and what each guarantees:
   ``duplicated``, ``replay_above_bound``, ``non_monotonic_position``, ``stale_epoch_commit``,
   ``state_mismatch``, ...), the seed, and the call that replays it.
 
+  With ``backend="sqlite"`` (or a ``SQLiteBackend``) the faulty runs use the real embedded
+  backends instead: ``SQLiteStore`` in a temporary directory, one store object per simulated
+  process (a crashed one is never reused; a zombie runs on its own object of the same file),
+  with JSON-lines or SQLite-table sinks; torn records are made by editing the newest row of
+  the store's ``commits`` table between runs. The checker reads the files, tables and store
+  and compares them with the memory reference run.
+
 From a shell: ``python -m resumeflow.testing run --schedules N --seed S`` checks the built-in
 workloads, ``replay --seed N`` replays one schedule with a trace of every event, and ``soak``
-runs a long campaign; each prints schedules/s and the simulated/wall time ratio.
+runs a long campaign; ``--backend memory|sqlite|both`` picks the backends (``soak``: both),
+``--jobs N`` the processes. Each prints schedules/s and the simulated/wall time ratio.
 """
 
 from ._check import Outcome
@@ -51,6 +59,7 @@ from ._sim import InjectedUserError, Schedule
 from ._simulate import ScheduleResult, SimReport, run_schedule, simulate
 from ._sink import MemorySink, SinkEntry
 from ._source import MemorySource
+from ._sqlite_sim import SQLiteBackend
 from ._store import MemoryStore
 
 __all__ = [
@@ -63,6 +72,7 @@ __all__ = [
     "MemoryStore",
     "ObservedStore",
     "Outcome",
+    "SQLiteBackend",
     "Schedule",
     "ScheduleResult",
     "SimReport",

@@ -45,6 +45,7 @@ class ScheduleResult:
         fingerprint: digest of the event sequence (equal for equal seeds).
         replay: how to replay it.
         backend: where it ran (``memory``, or the SQLite backend with its sink).
+        wall_seconds: real seconds the schedule took (its reference run included).
     """
 
     plan: FaultPlan
@@ -56,6 +57,7 @@ class ScheduleResult:
     fingerprint: str
     replay: str
     backend: str = "memory"
+    wall_seconds: float = 0.0
 
     @property
     def seed(self) -> int:
@@ -170,6 +172,7 @@ def run_schedule(build_flow: BuildFlow, inputs: dict[str, list[Any]], plan: Faul
                  backend: Backend = "memory") -> ScheduleResult:
     """Run one schedule on ``backend`` and check it against ``reference``: a fault-free run
     on the plain memory backends (computed when not given)."""
+    started = time.perf_counter()
     if reference is None:
         reference = _reference(build_flow, inputs, plan.guarantee, plan.seed)
     schedule = make_schedule(build_flow, inputs, plan, backend=backend, trace=trace,
@@ -193,7 +196,7 @@ def run_schedule(build_flow: BuildFlow, inputs: dict[str, list[Any]], plan: Faul
         plan=plan, violations=violations, sim_seconds=schedule.clock.monotonic(),
         counts=dict(schedule.counts), duplicates=result.duplicates,
         replays=list(schedule.observed.replays), fingerprint=schedule.fingerprint,
-        replay=replay, backend=where)
+        replay=replay, backend=where, wall_seconds=time.perf_counter() - started)
 
 
 def simulate(build_flow: BuildFlow, inputs: dict[str, list[Any]] | list[Any], *,
