@@ -54,7 +54,8 @@ def test_every_sink_runs_under_each_guarantee(sink: str, guarantee: str) -> None
 
 def test_sqlite_fault_plans_reach_every_fault_kind() -> None:
     """On the real backends the plans inject every fault: each crash point, takeovers and
-    fenced zombies, torn records and their fallback, failed writes, sink failures."""
+    fenced zombies, torn records (at commit and at rest after a crash) and their fallback,
+    failed writes, sink failures."""
     events: list[str] = []
     for seed in range(300):
         run_seed(seed, trace_to=events.append, backend="sqlite")
@@ -69,6 +70,7 @@ def test_sqlite_fault_plans_reach_every_fault_kind() -> None:
                  "fenced (zombie)", "abandoned", "liveness phase"):
         assert kind in text, kind
     assert re.search(r"discarded \[\d", text), "no fallback from a torn record"
+    assert re.search(r"torn commit record of \S+ after a crash", text)
     assert "resumeflow-sim-" not in text, "a temporary path leaked into the events"
 
 

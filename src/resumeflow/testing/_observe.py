@@ -5,7 +5,10 @@ handed out and every commit the store accepted, and flags, as they happen, the i
 single call can break: a commit accepted from an epoch older than the newest one handed out
 (fencing), a commit or an opened checkpoint whose ``seq`` or position went backwards without a
 reported fallback (monotonic progress), and an open whose replay (the records read past the
-checkpoint it resumes from) is above the bound (bounded replay).
+checkpoint it resumes from) is above the bound (bounded replay). A fallback from corrupt
+records widens the bound by one window per checkpoint lost, until the task has resumed from
+as far as it had read when it lost them. A commit accepted and later discarded as corrupt
+no longer counts as accepted.
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ class _Seen:
     seq: int = 0
     position: int = 0
     accepted: list[CommitRecord] = field(default_factory=list)
+    lost: int = 0
+    """Checkpoints lost to corruption since the task was last back where it had read."""
+    lost_until: int = 0
+    """How far the task had read when it last lost checkpoints."""
 
 
 class ObservedStore:
@@ -111,20 +118,27 @@ class ObservedStore:
             self._flag("stale_epoch_commit", task,
                        f"open_task handed out epoch {opened.epoch} after epoch {seen.epoch}")
         seen.epoch = max(seen.epoch, opened.epoch)
+        if opened.discarded_seqs:  # torn after they were accepted: no longer committed
+            seen.accepted = [r for r in seen.accepted if r.seq <= seq]
         if not opened.discarded_seqs and (seq < seen.seq or position < seen.position):
             self._flag("non_monotonic_position", task,
                        f"opened at checkpoint seq {seq} position {position} after seq "
                        f"{seen.seq} position {seen.position} was committed, with no fallback "
                        "reported")
-        replay = self._high_water(partition) - position
-        bound = self._bound * (1 + len(opened.discarded_seqs))
+        high_water = self._high_water(partition)
+        if opened.discarded_seqs:
+            seen.lost += len(opened.discarded_seqs)
+            seen.lost_until = max(seen.lost_until, high_water)
+        elif position >= seen.lost_until:
+            seen.lost = 0
+        replay = high_water - position
+        bound = self._bound * (1 + seen.lost)
         if replay > 0:
             self.replays.append(replay)
         if replay > bound:
             self._flag("replay_above_bound", task,
                        f"resumes at position {position} after records up to "
-                       f"{self._high_water(partition)} were read: replays {replay} records, "
-                       f"bound {bound}")
+                       f"{high_water} were read: replays {replay} records, bound {bound}")
         seen.seq, seen.position = seq, position
         return opened
 
