@@ -67,7 +67,7 @@ def test_sqlite_fault_plans_reach_every_fault_kind() -> None:
     for kind in ("crash in user code", "transient error in user code", "store write fails",
                  "torn commit record", "tore commit record", "sink pre-commit fails",
                  "sink finalize fails", "sink finalize fails during recovery",
-                 "fenced (zombie)", "abandoned", "liveness phase"):
+                 "fenced (zombie)", "abandoned", "killed compacting", "liveness phase"):
         assert kind in text, kind
     assert re.search(r"discarded \[\d", text), "no fallback from a torn record"
     assert re.search(r"torn commit record of \S+ after a crash", text)

@@ -13,8 +13,10 @@ its commits with ``FencedError``, and its late finalize must add no output.
 Faults, drawn from the plan as for the memory backends:
 
 * crashes at every crash point (the installed hook raises ``SimulatedCrash``) and in user
-  code. The dead process's store object is then either closed (its compactor finishes what
-  it committed) or abandoned (no compaction is started): recovery must not depend on which;
+  code. The dead process's store object is then closed (its compactor finishes what it
+  committed), abandoned (no compaction is started), or killed in a compaction run after its
+  first transaction (the next open must roll the run back): recovery must not depend on
+  which;
 * failed store writes (the commit's transaction fails after its rows are written and is
   rolled back) and slow ones (the fake clock moves);
 * a torn newest commit record: the commit lands, the process dies, and between runs the
@@ -42,12 +44,14 @@ import re
 import shutil
 import sqlite3
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from ..checkpoint import CommitRecord, OpenedTask, SQLiteStore, StagedEntry
+from ..checkpoint._sqlite_state import compact
 from ..checkpoint._store import InStoreWrite
 from ..errors import ConfigurationError, UnavailableError
 from ..runtime import TaskRunner
@@ -164,6 +168,40 @@ class _SimStore(SQLiteStore):
         """Close as a killed process would leave it: start no compaction (one running ends)."""
         self._committed.clear()
         self.close()
+
+    def die_compacting(self) -> None:
+        """Close as a process killed inside a compaction run: let the compactor finish what
+        it has, then start a run of each task this object committed and kill it after the
+        run's first transaction (its undo images and rows are written, not its end)."""
+        committed = dict(self._committed)
+        self._committed.clear()
+        self._compactor.close()
+        for task_no, epoch in committed.items():
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            try:
+                compact(db, task_no, epoch, self._recent,
+                        cast(threading.Lock, _DiesAfterOneWrite()))
+            except SimulatedCrash:
+                pass
+            finally:
+                db.close()
+        self.close()
+
+
+class _DiesAfterOneWrite:
+    """The write lock of a compaction run that kills the process at its second write
+    transaction (before the run's end when it has one chunk of keys)."""
+
+    def __init__(self) -> None:
+        self.writes_left = 1
+
+    def __enter__(self) -> None:
+        if self.writes_left <= 0:
+            raise SimulatedCrash("killed inside a compaction run")
+        self.writes_left -= 1
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 class _FlakySink:
@@ -300,9 +338,13 @@ class SQLiteSchedule(Schedule):
         if store is None:
             return
         _release(runner)
-        if crashed and self.rng.random() < 0.5:
+        draw = self.rng.random() if crashed else 1.0
+        if draw < 1 / 3:
             store.abandon()
             self._event(f"store object of {runner.task_id} abandoned")
+        elif draw < 2 / 3:
+            store.die_compacting()
+            self._event(f"store object of {runner.task_id} killed compacting")
         else:
             store.close()
         if store.torn is not None:
