@@ -23,12 +23,12 @@ from resumeflow.testing._workload import workload
 
 from .conftest import sqlite_corrupt_latest
 
-SCHEDULES = 4500
-"""Real-backend schedules of the main test: about a minute on two cores (tmpfs)."""
+SCHEDULES = 4000
+"""Real-backend schedules of the main test: under a minute on two idle cores (tmpfs)."""
 
 
 def test_sqlite_schedules_keep_every_invariant() -> None:
-    """4,500 seeded fault schedules on SQLiteStore with JSON-lines and SQLite-table sinks
+    """4,000 seeded fault schedules on SQLiteStore with JSON-lines and SQLite-table sinks
     (two processes) break no invariant against the memory reference."""
     report = run_many(SCHEDULES, seed=0, backend="sqlite", jobs=2)
     print(f"\nsqlite simulator: {report.summary()}")
@@ -44,11 +44,12 @@ def test_every_sink_runs_under_each_guarantee(sink: str, guarantee: str) -> None
     """Each real sink, under each guarantee, keeps every invariant through 40 schedules."""
     backend = SQLiteBackend(sink=sink)  # type: ignore[arg-type]
     report = SimReport()
+    on_sink = 0
     for seed in range(40):
         result = run_seed(seed, guarantee=guarantee, backend=backend)
-        assert result.backend.startswith("sqlite (sink ")
+        on_sink += f"(sink {sink}," in result.backend  # else a flow not keyed, on jsonl
         report.add(result)
-    assert report.totals["crashes"] > 0 and report.totals["commits"] > 0
+    assert on_sink >= 25 and report.totals["crashes"] > 0 and report.totals["commits"] > 0
     report.check()
 
 

@@ -8,7 +8,8 @@ pre-commit and finalize failures, redelivered and reordered input, and takeovers
 the old runner running as a zombie on a stale epoch. A crashed or failed task is restarted from
 the store, as a new process would. Then a liveness phase without faults must read every input
 to its end. Every decision comes from generators seeded by the plan, so a seed replays the
-schedule exactly.
+schedule exactly. ``SQLiteSchedule`` (``_sqlite_sim``) overrides the backend hooks to run the
+same plans on ``SQLiteStore`` and real sinks.
 """
 
 from __future__ import annotations
