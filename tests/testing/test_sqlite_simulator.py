@@ -23,12 +23,12 @@ from resumeflow.testing._workload import workload
 
 from .conftest import sqlite_corrupt_latest
 
-SCHEDULES = 4000
-"""Real-backend schedules of the main test: under a minute on two idle cores (tmpfs)."""
+SCHEDULES = 5000
+"""Real-backend schedules of the main test: about a minute on two idle cores (tmpfs)."""
 
 
 def test_sqlite_schedules_keep_every_invariant() -> None:
-    """4,000 seeded fault schedules on SQLiteStore with JSON-lines and SQLite-table sinks
+    """5,000 seeded fault schedules on SQLiteStore with JSON-lines and SQLite-table sinks
     (two processes) break no invariant against the memory reference."""
     report = run_many(SCHEDULES, seed=0, backend="sqlite", jobs=2)
     print(f"\nsqlite simulator: {report.summary()}")
