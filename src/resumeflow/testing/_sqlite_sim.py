@@ -349,14 +349,13 @@ class SQLiteSchedule(Schedule):
             store.close()
         if store.torn is not None:
             self._tear(*store.torn)
-        elif (crashed and store.last_commit is not None and store.last_commit[1] > 1
+        elif (crashed and store.last_commit is not None
               and self.faulting and self.faults_left > 0
               and self.owners.get(runner.partition) is None
               and self.rng.random() < self.plan.tear_rate):
             # Nobody runs the task now (a zombie cannot commit): the record is torn at rest.
-            # Not seq 1: with no record before it the task restarts from the beginning and
-            # JsonLinesSink refuses the output file its finalize already wrote (known gap:
-            # the sink cannot tell a fallback to nothing from a store that never wrote).
+            # Seq 1 included: the task then restarts from the beginning and its sinks from
+            # scratch.
             self._spend(f"torn commit record of {runner.task_id} after a crash")
             self._tear(*store.last_commit, newest_only=True)
 
