@@ -158,13 +158,10 @@ class TaskRunner:
             ctx = SinkContext(sink_id=sink_id, task=self.task_id, partition=self.partition,
                               partitions=self._partitions, keyed=keyed,
                               guarantee=self.config.guarantee, store_path=self._store_path,
-                              epoch=self.opened.epoch)
+                              epoch=self.opened.epoch,
+                              from_scratch=record is None and bool(self.opened.discarded_seqs))
             writer = sink.open(ctx)
             meta = record.sink_txn.get(sink_id) if record else None
-            if record is None and self.opened.discarded_seqs:
-                # Every checkpoint was corrupt: the task restarts from the beginning, and what
-                # its sinks hold was written by those discarded checkpoints.
-                meta = {"base": 0, "end": 0, "restart": True}
             writer.recover(meta, [e for e in self.opened.staged if e.sink == sink_id])
             writers[sink_id] = writer
         return writers

@@ -39,6 +39,8 @@ class SinkContext:
         store_path: the store's database file when the store is SQLite, else ``None``.
         epoch: the task owner's fencing epoch (sinks keep per-epoch scratch files apart, so a
             paused old owner cannot touch the new owner's).
+        from_scratch: every checkpoint of the task was discarded as corrupt, so it starts from
+            the beginning; output its sinks hold was written by those checkpoints and must go.
     """
 
     sink_id: str
@@ -49,6 +51,7 @@ class SinkContext:
     guarantee: Guarantee
     store_path: Path | None
     epoch: int = 0
+    from_scratch: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

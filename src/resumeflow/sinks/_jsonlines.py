@@ -98,6 +98,10 @@ class _JsonLinesWriter:
         if not self._exactly_once:
             self._length = size
             return
+        if meta is None and self.ctx.from_scratch and size:
+            log.warning("%s: every checkpoint of task %s was corrupt; cutting its %d bytes of "
+                        "output to start over", self.path, self.ctx.task, size)
+            meta = {"base": 0, "end": 0}
         if meta is None:
             if size:
                 raise ConfigurationError(
