@@ -36,7 +36,6 @@ from ._sqlite_state import (
     TailIndex,
     compact,
     delta_rows,
-    prune_history,
     roll_back_runs_after,
 )
 from ._store import InStoreWrite, OpenedTask, StagedEntry, TaskStatus
@@ -217,10 +216,6 @@ class SQLiteStore:
         ).fetchone()
         epoch += 1
         self._recent.forget(task_no)
-        compacted = db.execute("SELECT compacted_seq FROM tasks WHERE task_no = ?",
-                               (task_no,)).fetchone()[0]
-        if roll_back_runs_after(db, task_no, compacted):
-            log.info("task #%d: rolled back a compaction interrupted by a crash", task_no)
         record, discarded = self._newest_valid(db, task_no, last_seq)
         good_seq = record.seq if record is not None else 0
         if record is None and (discarded or last_seq > 0):
@@ -410,11 +405,11 @@ class SQLiteStore:
         self._prune(db, task_no, seq)
 
     def _prune(self, db: sqlite3.Connection, task_no: int, seq: int) -> None:
-        """Drop records older than the kept window and the history only they needed."""
+        """Drop records older than the kept window; the compactor drops the state history
+        only they needed, a little at a time (never inside a commit)."""
         oldest_kept = seq - self.keep_checkpoints + 1
         if oldest_kept > 1:
             db.execute("DELETE FROM commits WHERE task_no = ? AND seq < ?", (task_no, oldest_kept))
-            prune_history(db, task_no, oldest_kept)
 
     def compact(self, task: str | None = None) -> int:
         """Compact now, in the caller's thread (tools and tests); returns the runs done."""

@@ -41,7 +41,6 @@ __all__ = [
     "decode_delta",
     "delta_rows",
     "encode_delta",
-    "prune_history",
     "roll_back_runs_after",
 ]
 
@@ -177,7 +176,16 @@ def compact(db: sqlite3.Connection, task_no: int, epoch: int, recent: TailIndex,
             write_lock: threading.Lock | None = None,
             commit_waiting: threading.Event | None = None) -> bool:
     """Apply the uncompacted deltas of a task to its rows; False if there was nothing to do
-    or the task moved to another epoch (then nothing more is written)."""
+    or the task moved to another epoch (then nothing more is written).
+
+    First, in short turns: undo what a crashed compaction run left half-done (reads are right
+    meanwhile: every key it touched is in an uncompacted delta, which reads consult first),
+    and drop the history no kept checkpoint needs. Neither is done at the commit point or
+    when a task opens, so neither delays a commit or a resume."""
+    lock = write_lock or threading.Lock()
+    if not _roll_back_partial(db, task_no, epoch, lock, commit_waiting):
+        return False
+    _prune_in_turns(db, task_no, lock, commit_waiting)
     db.execute("BEGIN")
     try:
         current, since, upto = _tail(db, task_no)
@@ -193,7 +201,6 @@ def compact(db: sqlite3.Connection, task_no: int, epoch: int, recent: TailIndex,
         raise
     if current != epoch or upto <= since:
         return False
-    lock = write_lock or threading.Lock()
     keys = sorted(merged)
     # A run with no keys (checkpoints that changed no state) still writes one, empty, undo
     # chunk: a fallback or rewind across the run finds it and takes compacted_seq back.
@@ -291,16 +298,82 @@ def roll_back_runs_after(db: sqlite3.Connection, task_no: int, seq: int) -> int:
     return len(runs)
 
 
-def prune_history(db: sqlite3.Connection, task_no: int, oldest_kept: int) -> None:
-    """Drop undo runs no kept checkpoint can need, then deltas no undo or lookup needs."""
-    db.execute("DELETE FROM undo WHERE task_no = ? AND to_seq <= ?", (task_no, oldest_kept))
-    floor = db.execute(
-        "SELECT min(from_seq) FROM undo WHERE task_no = ?", (task_no,)).fetchone()[0]
-    compacted = db.execute("SELECT compacted_seq FROM tasks WHERE task_no = ?",
+def _roll_back_partial(db: sqlite3.Connection, task_no: int, epoch: int, lock: threading.Lock,
+                       commit_waiting: threading.Event | None) -> bool:
+    """Undo, one chunk per transaction, the chunks of runs that never finished (their
+    ``to_seq`` is past ``compacted_seq``); False if the task moved to another epoch."""
+    with lock:
+        chunks = db.execute(
+            "SELECT u.to_seq, u.chunk FROM undo u JOIN tasks t ON t.task_no = u.task_no "
+            "WHERE u.task_no = ? AND u.to_seq > t.compacted_seq ORDER BY u.to_seq DESC, u.chunk",
+            (task_no,)).fetchall()
+    if chunks:
+        log.info("task #%d: undoing %d chunk(s) of a compaction a crash interrupted",
+                 task_no, len(chunks))
+    for to_seq, chunk in chunks:
+        _yield_to_commits(commit_waiting)
+        with lock:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if _tail(db, task_no)[0] != epoch:
+                    db.execute("ROLLBACK")
+                    return False
+                row = db.execute("SELECT images FROM undo WHERE task_no = ? AND to_seq = ? "
+                                 "AND chunk = ?", (task_no, to_seq, chunk)).fetchone()
+                if row is not None:
+                    _apply(db, task_no, decode_delta(bytes(row[0])))
+                    db.execute("DELETE FROM undo WHERE task_no = ? AND to_seq = ? AND chunk = ?",
+                               (task_no, to_seq, chunk))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+    return True
+
+
+def _prune_in_turns(db: sqlite3.Connection, task_no: int, lock: threading.Lock,
+                    commit_waiting: threading.Event | None) -> None:
+    """Drop undo runs no kept checkpoint can need, then deltas no undo or read needs, a few
+    rows per transaction (a large history is never deleted inside one commit)."""
+    with lock:
+        oldest = db.execute("SELECT min(seq) FROM commits WHERE task_no = ?",
+                            (task_no,)).fetchone()[0]
+        if oldest is None:
+            return
+        undo = db.execute("SELECT to_seq, chunk FROM undo WHERE task_no = ? AND to_seq <= ?",
+                          (task_no, oldest)).fetchall()
+    for start in range(0, len(undo), 64):
+        _delete_in_turn(db, lock, commit_waiting,
+                        "DELETE FROM undo WHERE task_no = ? AND to_seq = ? AND chunk = ?",
+                        [(task_no, t, c) for t, c in undo[start:start + 64]])
+    with lock:
+        floor = db.execute("SELECT min(from_seq) FROM undo WHERE task_no = ?",
                            (task_no,)).fetchone()[0]
-    keep_after = min(int(floor), int(compacted)) if floor is not None else int(compacted)
-    db.execute("DELETE FROM deltas WHERE task_no = ? AND seq <= ?", (task_no, keep_after))
-    db.execute("DELETE FROM delta_dirs WHERE task_no = ? AND seq <= ?", (task_no, keep_after))
+        compacted = _tail(db, task_no)[1]
+        keep_after = min(int(floor), compacted) if floor is not None else compacted
+        pages = db.execute("SELECT seq, page_no FROM deltas WHERE task_no = ? AND seq <= ?",
+                           (task_no, keep_after)).fetchall()
+    for start in range(0, len(pages), 256):
+        _delete_in_turn(db, lock, commit_waiting,
+                        "DELETE FROM deltas WHERE task_no = ? AND seq = ? AND page_no = ?",
+                        [(task_no, q, n) for q, n in pages[start:start + 256]])
+    _delete_in_turn(db, lock, commit_waiting,
+                    "DELETE FROM delta_dirs WHERE task_no = ? AND seq <= ?",
+                    [(task_no, keep_after)])
+
+
+def _delete_in_turn(db: sqlite3.Connection, lock: threading.Lock,
+                    commit_waiting: threading.Event | None, sql: str,
+                    params: list[tuple[int, ...]]) -> None:
+    _yield_to_commits(commit_waiting)
+    with lock:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(sql, params)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
 
 class Compactor:
