@@ -423,7 +423,7 @@ class Compactor:
     def _run(self) -> None:
         db = sqlite3.connect(self._path, isolation_level=None, timeout=60.0)
         # No fsync per compaction transaction: a lost suffix of them after a power cut is a
-        # compaction that stopped earlier (its partial run is undone at the next open), and
+        # compaction that stopped earlier (its partial run is undone by the next compactor), and
         # the next FULL commit of the store's connection makes everything before it durable.
         db.execute("PRAGMA synchronous=NORMAL")
         try:
