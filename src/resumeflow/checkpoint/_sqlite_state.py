@@ -12,7 +12,8 @@ in the same transactions. So:
   ``MAX_TAIL_DELTAS``); a cold read looks a key up in one page per uncompacted delta;
 * any kept checkpoint ``S`` is restored exactly by rolling back the compaction runs that end
   after ``S`` (newest first) and discarding the deltas after ``S`` (fallback and rewind);
-* a compaction interrupted half-way is rolled back when the task is next opened, and a
+* a compaction interrupted half-way is rolled back by the next compactor (reads stay exact
+  meanwhile: the keys it touched are in uncompacted deltas, read first), and a
   compactor whose task has a newer epoch stops before its next write (a zombie cannot touch
   the new owner's state).
 """
