@@ -1,17 +1,23 @@
-"""Benchmark driver: W1 throughput of resumeflow against a plain loop and Bytewax, in one run.
+"""Benchmark driver: the figures of issue 4, measured in one run; writes docs/benchmarks.md.
 
-Every contender runs in its own interpreter on the same input; contenders alternate and each
-round repeats them all, so noise on this shared machine hits all of them alike. The driver
-prints medians and ratios and writes docs/benchmarks.md.
+Part ``throughput``: W1 throughput and peak memory of resumeflow against a plain loop and
+Bytewax. Every contender runs in its own interpreter on the same input; contenders alternate
+and each round repeats them all, so noise on this shared machine hits all of them alike.
+Part ``recovery`` (``bench/recovery.py``): records replayed after SIGKILL, time to resume
+with 1,000,000 keys of state against 10,000, checkpoint duration with 1,000 dirty keys in a
+1,000,000-key state. The driver prints medians and ratios and writes docs/benchmarks.md; a
+part run alone replaces its own section and keeps the other one as it was.
 
-    python bench/run.py            # 2,000,000 records, 3 rounds
-    python bench/run.py --quick    # 200,000 records, 1 round (development)
+    python bench/run.py                      # everything: 2,000,000 records, 3 rounds, ...
+    python bench/run.py --part recovery      # one part (throughput | recovery | all)
+    python bench/run.py --quick              # 200,000 records, 1 round, ... (development)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -23,6 +29,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DATA = HERE / ".data"
+PARTS = ("throughput", "recovery")
+KEPT = ("notes",)
+"""Sections of docs/benchmarks.md written by hand (causes found, optimizations and their
+measured effect): every run keeps them as they are."""
 
 CONTENDERS: list[tuple[str, list[str]]] = [
     ("plain", ["w1_plain.py", "{src}", "{out}"]),
@@ -63,15 +73,49 @@ def _run(name: str, args: list[str], src: Path) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="200k records, one round")
-    parser.add_argument("--records", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=None)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=(*PARTS, "all"), default="all",
+                        help="which figures to measure (default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="throughput: 200k records, one round; recovery: fewer kills, "
+                             "restarts and commits, same state sizes")
+    parser.add_argument("--records", type=int, default=None, help="W1 records (throughput)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (throughput)")
+    parser.add_argument("--seed", type=int, default=4, help="seed of the kill plan (recovery)")
     parser.add_argument("--no-write", action="store_true", help="do not write docs/benchmarks.md")
     opts = parser.parse_args()
+    sys.path.insert(0, str(HERE))
+    parts = PARTS if opts.part == "all" else (opts.part,)
+    sections: dict[str, str] = {}
+    if "throughput" in parts:
+        sections["throughput"] = _throughput(opts)
+    if "recovery" in parts:
+        sections["recovery"] = _recovery(opts)
+    if not opts.no_write:
+        _write(sections, opts)
+
+
+def _command(opts: argparse.Namespace) -> str:
+    """The command line that reproduces this run (what the doc quotes)."""
+    words = ["python", "bench/run.py"]
+    if opts.part != "all":
+        words += ["--part", opts.part]
+    if opts.quick:
+        words.append("--quick")
+    if opts.records:
+        words += ["--records", str(opts.records)]
+    if opts.rounds:
+        words += ["--rounds", str(opts.rounds)]
+    if opts.seed != 4:
+        words += ["--seed", str(opts.seed)]
+    return " ".join(words)
+
+
+def _throughput(opts: argparse.Namespace) -> str:
+    revision = _revision()
     records = opts.records or (200_000 if opts.quick else 2_000_000)
     rounds = opts.rounds or (1 if opts.quick else 3)
-    sys.path.insert(0, str(HERE))
     from _common import make_w1
 
     src = make_w1(DATA / f"w1-{records}.jsonl", records)
@@ -86,9 +130,64 @@ def main() -> None:
             print(f"round {round_no + 1}/{rounds} {name:14s} {float(r['seconds']):7.2f} s  "  # type: ignore[arg-type]
                   f"{records / float(r['seconds']):>10,.0f} rec/s", flush=True)  # type: ignore[arg-type]
     table = _summarize(results, records)
+    memory = _memory(results)
     print(table)
-    if not opts.no_write:
-        _write(table, records, rounds, opts)
+    print(memory)
+    return f"""## W1: {records:,} JSON lines, keyed running sum, every update written (exactly-once)
+
+Written by `{_command(opts)}` on {_machine(revision)}. Figures are medians of {rounds} round(s) with
+contenders alternating; the ratios are what to compare.
+
+Seconds are processing time inside each contender's process, from after its imports to its
+end; interpreter start-up is not included. Peak RSS is each contender process's `ru_maxrss`.
+
+{table}
+
+{memory}
+"""
+
+
+def _recovery(opts: argparse.Namespace) -> str:
+    import recovery
+
+    revision = _revision()
+    settings = recovery.Settings.make(opts.quick, opts.seed)
+    results = recovery.run_all(settings, log=lambda m: print(m, flush=True))
+    (DATA / "recovery-results.json").write_text(json.dumps(results, indent=1))
+    body = recovery.render(results)
+    print(body)
+    return f"""## Recovery: replay after SIGKILL, time to resume, checkpoint cost
+
+Written by `{_command(opts)}` on {_machine(revision)}; {results['seconds'] / 60:.1f} minutes. Every
+run of the pipeline is a `resumeflow run` subprocess (default bounds: commit every 100 ms or
+100,000 records) unless said otherwise; raw figures in `bench/.data/recovery-results.json`.
+
+{body}"""
+
+
+def _revision() -> str:
+    """The commit measured, and whether src/ differed from it."""
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD")
+    if not head:
+        return "outside git"
+    changed = len(git("status", "--porcelain", "--", "src").splitlines())
+    return f"commit {head}" + (f" with {changed} file(s) under src/ changed" if changed else "")
+
+
+def _machine(started_at: str) -> str:
+    """The machine, the date and the code measured (``started_at``: ``_revision()`` when the
+    part began; others may commit while it runs)."""
+    load = os.getloadavg()[1]
+    now = _revision()
+    code = now if now == started_at else f"{started_at} at the start, {now} at the end"
+    return (f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.machine()}, "
+            f"{time.strftime('%Y-%m-%d')}, {code} (load average over the last 5 minutes: "
+            f"{load:.1f})")
 
 
 def _median(rs: list[dict[str, object]], field: str) -> float:
@@ -104,11 +203,14 @@ def _summarize(results: dict[str, list[dict[str, object]]], records: int) -> str
         if rs:
             label = str(rs[0]["contender"])
             lines.append(f"| {label} | {med[name]:.2f} | {rate[name]:,.0f} | {mem[name]:.0f} |")
-    lines += ["", "| ratio | value | goal |", "|---|---:|---:|"]
+    lines += ["", "| ratio | value | goal |", "|---|---:|---|"]
 
     def ratio(label: str, a: str, b: str, goal: str) -> None:
         if a in rate and b in rate:
-            lines.append(f"| {label} | {rate[a] / rate[b]:.2f} | {goal} |")
+            value = rate[a] / rate[b]
+            if goal.startswith("≥ "):
+                goal += ": met" if value >= float(goal[2:]) else ": **MISSED**"
+            lines.append(f"| {label} | {value:.2f} | {goal} |")
 
     ratio("resumeflow ÷ plain loop", "rf-default", "plain", "≥ 0.5")
     ratio("resumeflow ÷ Bytewax, 100 ms snapshots", "rf-default", "bytewax-100ms", "≥ 5")
@@ -118,25 +220,104 @@ def _summarize(results: dict[str, list[dict[str, object]]], records: int) -> str
     return "\n".join(lines)
 
 
-def _write(table: str, records: int, rounds: int, opts: argparse.Namespace) -> None:
-    command = "python bench/run.py" + (" --quick" if opts.quick else "")
+W1_KEYS = 10_000
+
+
+def _hot_state_mb(keys: int) -> float:
+    """Memory of resumeflow's hot state holding ``keys`` W1 keys, all dirty (the most it holds
+    between two commits): a ``KeyedState`` filled as the W1 reduce fills it, by tracemalloc."""
+    import tracemalloc
+
+    from resumeflow.state import KeyedState
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        state = KeyedState(lambda key: None, max_hot_keys=math.inf, known_empty=True,
+                           namespace="reduce")
+        for i in range(keys):
+            state.set(f"k{i}", 10_000 + i, existed=False)
+        used = tracemalloc.get_traced_memory()[0] - before
+        del state
+    finally:
+        tracemalloc.stop()
+    return used / 2**20
+
+
+def _memory(results: dict[str, list[dict[str, object]]]) -> str:
+    """Peak memory of W1 against the goal: at most twice the plain loop's plus the hot state."""
+    if not results.get("rf-default") or not results.get("plain"):
+        return ""
+    rf_mb, plain_mb = _median(results["rf-default"], "maxrss_mb"), \
+        _median(results["plain"], "maxrss_mb")
+    from resumeflow import RunConfig
+
+    bound = RunConfig().max_hot_keys
+    w1_hot, budget_hot = _hot_state_mb(W1_KEYS), _hot_state_mb(int(bound))
+    strict, loose = 2 * plain_mb + w1_hot, 2 * plain_mb + budget_hot
+    off = f"{_median(results['rf-off'], 'maxrss_mb'):.0f} MB" if results.get("rf-off") else "-"
+
+    def verdict(limit: float) -> str:
+        return "met" if rf_mb <= limit else "**MISSED**"
+
+    return f"""### Peak memory of W1
+
+The goal is "≤ 2× the plain loop's plus the hot-state budget". The hot-state budget is read
+here as the hot state W1 can hold: its {W1_KEYS:,} keys, all of them dirty (the most the cache
+holds between two commits), {w1_hot:.1f} MB measured with tracemalloc on a `KeyedState`
+filled as the W1 reduce fills it. Read as the configured bound instead (`max_hot_keys` =
+{bound:,.0f} keys, {budget_hot:.0f} MB by the same measure) the goal would allow {loose:.0f} MB
+and say nothing about W1, so the verdict uses the first reading.
+
+| figure | value | goal |
+|---|---:|---|
+| peak RSS, plain loop | {plain_mb:.0f} MB | - |
+| peak RSS, resumeflow at its default commit bound | {rf_mb:.0f} MB | - |
+| peak RSS, resumeflow with commits disabled | {off} | - |
+| resumeflow ÷ plain loop | {rf_mb / plain_mb:.2f} | - |
+| resumeflow vs 2 × plain + W1's hot state | {rf_mb:.0f} vs {strict:.0f} MB | {verdict(strict)} |
+| resumeflow vs 2 × plain + configured budget | {rf_mb:.0f} vs {loose:.0f} MB | {verdict(loose)} |
+"""
+
+
+_MARK = "<!-- section: {} -->"
+_END = "<!-- end of section: {} -->"
+
+
+def _sections(text: str) -> dict[str, str]:
+    """The sections of an existing docs/benchmarks.md, by part name."""
+    found: dict[str, str] = {}
+    for part in PARTS + KEPT:
+        begin, end = text.find(_MARK.format(part)), text.find(_END.format(part))
+        if begin >= 0 and end > begin:
+            found[part] = text[begin + len(_MARK.format(part)):end].strip("\n") + "\n"
+    return found
+
+
+def _write(sections: dict[str, str], opts: argparse.Namespace) -> None:
+    """Write docs/benchmarks.md: the sections measured now, and the sections of the other parts
+    as the file had them (each section says which command wrote it, and when)."""
+    path = ROOT / "docs" / "benchmarks.md"
+    kept = _sections(path.read_text()) if path.exists() else {}
+    merged = {**kept, **sections}
+    body = "\n".join(f"{_MARK.format(part)}\n{merged[part]}{_END.format(part)}\n"
+                     for part in PARTS + KEPT if part in merged)
+    missing = [part for part in PARTS if part not in merged]
+    note = "" if not missing else \
+        f"\nNot measured yet: {', '.join(missing)} (`python bench/run.py --part NAME`).\n"
     text = f"""# Benchmarks
 
-Written by `{command}` (`make bench`; `make bench-quick` for the short run).
-Machine: {os.cpu_count()} cores, Python {platform.python_version()}, {platform.machine()};
-{time.strftime('%Y-%m-%d')}. These machines are shared and noisy: figures are medians of
-{rounds} round(s) with contenders alternating, and the ratios are what to compare.
-
-## W1: {records:,} JSON lines, keyed running sum, every update written (exactly-once)
-
-Seconds are processing time inside each contender's process, from after its imports to its
-end; interpreter start-up is not included.
-
-{table}
-"""
-    (ROOT / "docs").mkdir(exist_ok=True)
-    (ROOT / "docs" / "benchmarks.md").write_text(text)
-    print(f"wrote {ROOT / 'docs' / 'benchmarks.md'}")
+Generated by `python bench/run.py` (`make bench`; `make bench-quick` for the short run); the
+figures of issue 4. `python bench/run.py` measures and rewrites every section;
+`--part throughput|recovery` rewrites only its own; the notes at the end are written by hand
+and kept as they are. These machines are shared and noisy:
+figures are medians with contenders alternating, and the ratios are what to compare. Where a
+goal is missed, the table says **MISSED**.
+{note}
+{body}"""
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
