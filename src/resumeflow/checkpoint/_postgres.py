@@ -434,7 +434,7 @@ class _Sql:
         self.load = (f"SELECT value FROM {s}.state WHERE task_no = %s AND key = %s AND "
                      "seq <= %s ORDER BY seq DESC LIMIT 1")
         self.insert_delta = (f"INSERT INTO {s}.state (task_no, key, seq, value) "
-                             "SELECT %s, k, %s, v FROM unnest(%s::bytea[], %s::bytea[]) "
+                             "SELECT %s, k, %s, v FROM unnest(%b::bytea[], %b::bytea[]) "
                              "AS u(k, v)")
         self.release = f"DELETE FROM {s}.staged WHERE task_no = %s AND sink = %s AND seq <= %s"
         self.insert_staged = f"INSERT INTO {s}.staged VALUES (%s, %s, %s, %s, %s)"
