@@ -115,10 +115,10 @@ class _PostgresTableWriter:
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
 
     def _rows(self) -> tuple[list[str], list[str]]:
-        latest = dict(self.buffer)
         try:
+            latest = {_column(k): v for k, v in self.buffer}
+            keys = list(latest)
             values = [_encoder.encode(v).decode() for v in latest.values()]
-            keys = [_column(k) for k in latest]
         except TypeError as exc:
             raise DataError(
                 f"output for table {self._sink.table!r} is not JSON-serializable ({exc}); "
