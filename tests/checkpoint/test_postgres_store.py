@@ -336,3 +336,38 @@ def test_a_worker_paused_inside_its_commit_cannot_block_the_task(postgres_dsn: s
     finally:
         paused.close()
         other.close()
+
+
+class _LosesOpenAnswer(PostgresStore):
+    """The first open_task transaction lands, then its connection is lost."""
+
+    lose_next = False
+
+    def _open_task_tx(self, conn: Any, task: str, seen_discarded: set[int]) -> Any:
+        opened = super()._open_task_tx(conn, task, seen_discarded)
+        if self.lose_next:
+            self.lose_next = False
+            with psycopg.connect(self.killer_dsn, autocommit=True) as killer:
+                killer.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+            conn.execute("SELECT 1")  # the lost connection shows here
+        return opened
+
+
+def test_a_fallback_whose_answer_was_lost_is_still_reported(postgres_dsn: str) -> None:
+    """When open_task discards a corrupt record and its answer is lost, the retried open still
+    reports the discarded seq (sinks must drop that checkpoint's output)."""
+    store = _LosesOpenAnswer(postgres_dsn, retry=RetryPolicy(budget_s=10, backoff_base_s=0.01))
+    store.killer_dsn = postgres_dsn  # type: ignore[attr-defined]
+    try:
+        opened = store.open_task(TASK)
+        r1 = _record(opened, 1, None)
+        store.commit(opened, r1, [(b"k", b"1")], [], [])
+        store.commit(opened, _record(opened, 2, r1), [(b"k", b"2")], [], [])
+        _corrupt_latest(postgres_dsn)(store, TASK)
+        store.lose_next = True
+        back = store.open_task(TASK)
+        assert store.retries >= 1
+        assert back.record == r1 and back.discarded_seqs == (2,)
+        assert store.load_state(back.task_no, b"k") == b"1"
+    finally:
+        store.close()

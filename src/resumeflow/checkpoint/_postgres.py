@@ -30,6 +30,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import psycopg
@@ -180,18 +181,25 @@ class PostgresStore:
     # -- taking a task ---------------------------------------------------------------------
 
     def open_task(self, task: str) -> OpenedTask:
+        # An attempt whose COMMIT answer was lost may have discarded corrupt records already:
+        # the next attempt no longer sees them, so what every attempt discarded is reported.
+        discarded: set[int] = set()
         opened = self._write(f"opening task {task!r}",
-                             lambda conn, _: self._open_task_tx(conn, task))
+                             lambda conn, _: self._open_task_tx(conn, task, discarded))
+        if discarded != set(opened.discarded_seqs):
+            opened = replace(opened, discarded_seqs=tuple(sorted(discarded, reverse=True)))
         self._upto[opened.task_no] = opened.record.seq if opened.record else 0
         return opened
 
-    def _open_task_tx(self, conn: psycopg.Connection[Any], task: str) -> OpenedTask:
+    def _open_task_tx(self, conn: psycopg.Connection[Any], task: str,
+                      seen_discarded: set[int]) -> OpenedTask:
         q = self._sql
         with conn.transaction():
             conn.execute(q.insert_task, (task,))
             task_no, epoch, last_seq = _one(conn.execute(q.lock_task_by_name, (task,)))
             epoch += 1
             record, discarded = self._newest_valid(conn, task_no, last_seq)
+            seen_discarded.update(discarded)
             good = record.seq if record is not None else 0
             if record is None and (discarded or last_seq > 0):
                 for table in ("commits", "state", "staged"):
