@@ -29,7 +29,11 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     if name == "PostgresStore":
-        from ._postgres import PostgresStore
-
+        try:
+            from ._postgres import PostgresStore
+        except ImportError as exc:
+            raise ImportError(
+                f"PostgresStore needs the postgres extra (psycopg 3): pip install "
+                f"'resumeflow[postgres]' ({exc})") from exc
         return PostgresStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,7 +28,11 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     if name == "PostgresTable":
-        from ._postgres import PostgresTable
-
+        try:
+            from ._postgres import PostgresTable
+        except ImportError as exc:
+            raise ImportError(
+                f"PostgresTable needs the postgres extra (psycopg 3): pip install "
+                f"'resumeflow[postgres]' ({exc})") from exc
         return PostgresTable
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
