@@ -42,7 +42,8 @@ _TRANSIENT_STATES = frozenset({"25P03", "55P03"})
 
 _CONFIG_HINTS = ("does not exist", "password authentication failed", "no pg_hba.conf entry",
                  "authentication failed", "invalid dsn", "invalid connection option",
-                 "permission denied")
+                 "permission denied", "no password supplied", "invalid integer value",
+                 "invalid value for parameter")
 
 
 @dataclass(frozen=True, kw_only=True)
