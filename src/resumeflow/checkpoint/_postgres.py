@@ -144,11 +144,6 @@ class PostgresStore:
     def retries(self) -> int:
         return self._retrier.retries
 
-    @property
-    def dsn_where(self) -> str:
-        """``host:port/dbname`` of the database (no password), for messages."""
-        return self.where
-
     # -- running operations with retries -----------------------------------------------------
 
     def _check_open(self) -> None:
