@@ -48,6 +48,30 @@ def test_postgres_table_passes_check_sink(postgres_dsn: str) -> None:
     check_sink(make)
 
 
+def _appended(dsn: str, table: str, *, keyed: bool) -> list[Any]:
+    with psycopg.connect(dsn) as conn:
+        try:
+            rows = conn.execute(f"SELECT key, value FROM {table} ORDER BY id").fetchall()
+        except psycopg.errors.UndefinedTable:
+            return []
+    return [[k, v] for k, v in rows] if keyed else [v for _, v in rows]
+
+
+@pytest.mark.parametrize("keyed", [True, False])
+def test_postgres_table_append_mode_passes_check_sink(postgres_dsn: str, keyed: bool) -> None:
+    """PostgresTable in append mode keeps the exactly-once sink contract, keyed or not."""
+    schemas = iter(range(100))
+    tables = iter(range(100))
+
+    def make() -> SinkFixture:
+        table = f"events_{next(tables)}"
+        return SinkFixture(sink=PostgresTable(postgres_dsn, table=table, mode="append"),
+                           read=lambda: _appended(postgres_dsn, table, keyed=keyed),
+                           store=PostgresStore(postgres_dsn, schema=f"a{next(schemas)}"),
+                           keyed=keyed)
+    check_sink(make)
+
+
 def test_rows_of_a_fenced_commit_never_land(postgres_dsn: str) -> None:
     """A stale owner's commit is refused and none of its rows reach the table."""
     sink = PostgresTable(postgres_dsn, table="app.totals")
@@ -96,6 +120,8 @@ def test_bad_configuration_fails_at_start(postgres_server: Any, postgres_dsn: st
     of another shape fail when the sink opens, with what to change."""
     with pytest.raises(ConfigurationError, match="identifier"):
         PostgresTable(postgres_dsn, table="totals; DROP TABLE x")
+    with pytest.raises(ConfigurationError, match="mode"):
+        PostgresTable(postgres_dsn, table="totals", mode="merge")
     with pytest.raises(ConfigurationError, match="not keyed"):
         PostgresTable(postgres_dsn, table="totals").open(_ctx(keyed=False))
     with pytest.raises(ConfigurationError, match="SQLite"):
@@ -104,7 +130,7 @@ def test_bad_configuration_fails_at_start(postgres_server: Any, postgres_dsn: st
         PostgresTable(postgres_server.dsn_for("missing_db"), table="totals").open(_ctx())
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE odd (id int PRIMARY KEY)")
-    with pytest.raises(ConfigurationError, match="columns key"):
+    with pytest.raises(ConfigurationError, match="columns of its mode"):
         PostgresTable(postgres_dsn, table="odd").open(_ctx())
 
 

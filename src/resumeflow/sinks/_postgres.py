@@ -1,7 +1,8 @@
-"""PostgreSQL table sink: upsert of the latest value per key, inside the store's commit.
+"""PostgreSQL table sink: upsert of the latest value per key, or append of every item, inside
+the store's commit.
 
 The table lives in the database of the pipeline's ``PostgresStore``. Each checkpoint's rows are
-upserted by one set-based statement that runs inside the store's commit transaction, so the
+upserted or inserted by one set-based statement that runs inside the store's commit transaction, so the
 output, the state delta and the commit record are one atomic write: exactly-once with no
 second phase, and nothing to finalize or recover. A commit refused for a stale epoch or lost
 in a crash writes no row. The table and the DSN are checked when a task opens (a bad name,
@@ -28,19 +29,27 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
 class PostgresTable:
-    """Upsert ``(key, value)`` items into ``table(key text PRIMARY KEY, value jsonb)``.
+    """Write a stream's items into a PostgreSQL table, inside the store's commit.
 
-    String keys are stored as they are, other keys as their JSON text; values as ``jsonb``.
-    The table is created when missing. Several tasks upserting the same key overwrite each
-    other (state, and so the value, is per task).
+    ``mode="upsert"`` (keyed streams): ``table(key text PRIMARY KEY, value jsonb)`` holds the
+    latest value per key; string keys are stored as they are, other keys as their JSON text.
+    Several tasks upserting the same key overwrite each other (state is per task).
+    ``mode="append"``: ``table(id bigint identity PRIMARY KEY, key jsonb, value jsonb)`` gets
+    one row per item, in order (``key`` is NULL on a stream without keys). The table is
+    created when missing.
 
     Args:
         dsn: the database of the pipeline's ``PostgresStore`` (the same database is
             required: the rows are written in the store's transaction).
         table: ``name`` or ``schema.name`` (letters, digits, underscores).
+        mode: ``"upsert"`` or ``"append"``.
     """
 
-    def __init__(self, dsn: str, *, table: str) -> None:
+    def __init__(self, dsn: str, *, table: str, mode: str = "upsert") -> None:
+        if mode not in ("upsert", "append"):
+            raise ConfigurationError(f"PostgresTable mode {mode!r} is unknown; use 'upsert' "
+                                     "or 'append'")
+        self.mode = mode
         parts = table.split(".")
         if len(parts) > 2 or not all(_IDENT.match(p) for p in parts):
             raise ConfigurationError(
@@ -54,10 +63,10 @@ class PostgresTable:
         self._checked = False
 
     def open(self, ctx: SinkContext) -> _PostgresTableWriter:
-        if not ctx.keyed:
+        if not ctx.keyed and self.mode == "upsert":
             raise ConfigurationError(
                 f"{self!r} upserts by key but the stream is not keyed: add .key_by(...) "
-                "before .sink(...)")
+                "before .sink(...), or use mode='append'")
         if ctx.store_path is not None:
             raise ConfigurationError(
                 f"{self!r} writes inside the store's transaction, but the store is SQLite "
@@ -72,9 +81,15 @@ class PostgresTable:
 
         try:
             with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
-                conn.execute(f"CREATE TABLE IF NOT EXISTS {self.qualified} "
-                             "(key text PRIMARY KEY, value jsonb NOT NULL)")
-                conn.execute(f"SELECT key, value FROM {self.qualified} LIMIT 0")
+                if self.mode == "upsert":
+                    conn.execute(f"CREATE TABLE IF NOT EXISTS {self.qualified} "
+                                 "(key text PRIMARY KEY, value jsonb NOT NULL)")
+                    conn.execute(f"SELECT key, value FROM {self.qualified} LIMIT 0")
+                else:
+                    conn.execute(f"CREATE TABLE IF NOT EXISTS {self.qualified} (id bigint "
+                                 "GENERATED ALWAYS AS IDENTITY PRIMARY KEY, key jsonb, "
+                                 "value jsonb NOT NULL)")
+                    conn.execute(f"SELECT id, key, value FROM {self.qualified} LIMIT 0")
         except psycopg.Error as exc:
             _, password = describe_dsn(self.dsn)
             reason = str(exc).strip()
@@ -82,7 +97,8 @@ class PostgresTable:
                 reason = reason.replace(password, "***")
             raise ConfigurationError(
                 f"{self!r} cannot be used: {reason}; check the DSN and that the table has "
-                "columns key (text, primary key) and value (jsonb), or choose another table"
+                "the columns of its mode (upsert: key text primary key, value jsonb; append: "
+                "id identity, key jsonb, value jsonb), or choose another table"
             ) from None
 
     def same_database(self, conn: Any) -> bool:
@@ -97,7 +113,7 @@ class PostgresTable:
                 and str(want.get("port") or 5432) == str(info.port))
 
     def __repr__(self) -> str:
-        return f"PostgresTable({self.where!r}, table={self.table!r})"
+        return f"PostgresTable({self.where!r}, table={self.table!r}, mode={self.mode!r})"
 
 
 def _column(key: Any) -> str:
@@ -109,16 +125,38 @@ class _PostgresTableWriter:
         self.buffer: list[Any] = []
         self.ctx = ctx
         self._sink = sink
-        self._upsert = (
-            f"INSERT INTO {sink.qualified} (key, value) "
-            "SELECT k, v::jsonb FROM unnest(%s::text[], %s::text[]) AS u(k, v) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+        if sink.mode == "upsert":
+            self._sql = (
+                f"INSERT INTO {sink.qualified} (key, value) "
+                "SELECT k, v::jsonb FROM unnest(%s::text[], %s::text[]) AS u(k, v) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+        else:
+            self._sql = (
+                f"INSERT INTO {sink.qualified} (key, value) "
+                "SELECT k::jsonb, v::jsonb FROM unnest(%s::text[], %s::text[]) "
+                "WITH ORDINALITY AS u(k, v, n) ORDER BY n")
 
-    def _rows(self) -> tuple[list[str], list[str]]:
+    def _rows(self) -> tuple[list[str | None], list[str]]:
+        if self._sink.mode == "append":
+            return self._append_rows()
         try:
             latest = {_column(k): v for k, v in self.buffer}
-            keys = list(latest)
+            keys: list[str | None] = list(latest)
             values = [_encoder.encode(v).decode() for v in latest.values()]
+        except TypeError as exc:
+            raise DataError(
+                f"output for table {self._sink.table!r} is not JSON-serializable ({exc}); "
+                "emit dicts, lists, strings and numbers") from exc
+        return keys, values
+
+    def _append_rows(self) -> tuple[list[str | None], list[str]]:
+        try:
+            if self.ctx.keyed:
+                keys: list[str | None] = [_encoder.encode(k).decode() for k, _ in self.buffer]
+                values = [_encoder.encode(v).decode() for _, v in self.buffer]
+            else:
+                keys = [None] * len(self.buffer)
+                values = [_encoder.encode(v).decode() for v in self.buffer]
         except TypeError as exc:
             raise DataError(
                 f"output for table {self._sink.table!r} is not JSON-serializable ({exc}); "
@@ -140,7 +178,7 @@ class _PostgresTableWriter:
                 raise ConfigurationError(
                     f"{sink!r} must be written in the store's transaction, but the store is "
                     "not a PostgresStore on the same database; give both the same DSN")
-            conn.execute(self._upsert, (keys, values))
+            conn.execute(self._sql, (keys, values))
 
         return Precommit(in_store=write)
 
