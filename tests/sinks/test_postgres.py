@@ -155,3 +155,33 @@ def test_rows_need_a_postgres_store_on_the_same_database(postgres_server: Any,
         assert store.records("f:s:0") == [] and _rows(other) == []
     finally:
         store.close()
+
+
+def test_append_rows_of_a_discarded_checkpoint_are_deleted_on_recovery(
+        postgres_dsn: str) -> None:
+    """When a task falls back from a corrupt newest record, the rows that checkpoint appended
+    are deleted by the sink's recovery, so the replay appends them exactly once."""
+    sink = PostgresTable(postgres_dsn, table="events", mode="append")
+    store = PostgresStore(postgres_dsn)
+    try:
+        opened = store.open_task("f:s:0")
+        writer = sink.open(_ctx())
+        prev = None
+        for seq, item in ((1, ("a", 1)), (2, ("b", 2))):
+            writer.buffer.append(item)
+            pre = writer.precommit(seq)
+            assert pre.in_store is not None and pre.meta == {"seq": seq}
+            prev = make_record(task="f:s:0", epoch=opened.epoch, seq=seq, positions={},
+                               sink_txn={"out": pre.meta}, inflight=[], created_at=0.0,
+                               stats={}, prev_digest=prev.digest if prev else GENESIS_DIGEST)
+            store.commit(opened, prev, [], [], [], [pre.in_store])
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            conn.execute("UPDATE resumeflow.commits SET record = substring(record from 1 "
+                         "for 10) WHERE seq = 2")
+        back = store.open_task("f:s:0")
+        assert back.discarded_seqs == (2,) and back.record is not None
+        again = sink.open(_ctx())
+        again.recover(back.record.sink_txn.get("out"), [])
+        assert _appended(postgres_dsn, "events", keyed=True) == [["a", 1]]
+    finally:
+        store.close()

@@ -24,9 +24,9 @@ SCHEDULES = 200
 
 @pytest.mark.slow
 def test_postgres_schedules_keep_every_invariant(postgres_dsn: str) -> None:
-    """200 seeded fault schedules on PostgresStore (memory and PostgresTable output) break no
-    invariant, and reach every crash point, takeovers, fenced zombies, torn records and their
-    fallback, failed writes and sink failures."""
+    """200 seeded fault schedules on PostgresStore (two-phase memory output, PostgresTable in
+    upsert and append mode) break no invariant, and reach every crash point, takeovers, fenced
+    zombies, torn records and their fallback, failed writes and sink failures."""
     report = SimReport()
     events: list[str] = []
     backends: set[str] = set()
@@ -38,7 +38,8 @@ def test_postgres_schedules_keep_every_invariant(postgres_dsn: str) -> None:
     report.wall_seconds = time.perf_counter() - started
     print(f"\npostgres simulator: {report.summary()}")
     report.check()
-    assert backends == {"postgres (sink memory)", "postgres (sink table)"}
+    assert backends == {"postgres (sink memory)", "postgres (sink table)",
+                        "postgres (sink append)"}
     assert report.totals["crashes"] > SCHEDULES / 2 and report.totals["takeovers"] > 0
     assert report.totals["fenced"] > 0
     text = "\n".join(events)

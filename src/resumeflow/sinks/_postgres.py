@@ -1,12 +1,13 @@
 """PostgreSQL table sink: upsert of the latest value per key, or append of every item, inside
 the store's commit.
 
-The table lives in the database of the pipeline's ``PostgresStore``. Each checkpoint's rows are
-upserted or inserted by one set-based statement that runs inside the store's commit transaction, so the
-output, the state delta and the commit record are one atomic write: exactly-once with no
-second phase, and nothing to finalize or recover. A commit refused for a stale epoch or lost
-in a crash writes no row. The table and the DSN are checked when a task opens (a bad name,
-unreachable database or a table without ``key``/``value`` columns fails at start).
+The table lives in the database of the pipeline's ``PostgresStore``. Each checkpoint's rows
+are upserted or inserted by one set-based statement that runs inside the store's commit
+transaction, so the output, the state delta and the commit record are one atomic write:
+exactly-once with no second phase, and nothing to finalize or recover. A commit refused for
+a stale epoch or lost in a crash writes no row. The table and the DSN are checked when a task
+opens (a bad name, an unreachable database or a table without the mode's columns fails at
+start).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import msgspec
 
 from ..checkpoint import StagedEntry
 from ..checkpoint._pg_retry import describe_dsn
-from ..errors import ConfigurationError, DataError
+from ..errors import ConfigurationError, DataError, UnavailableError
 from ._base import Precommit, SinkContext
 
 __all__ = ["PostgresTable"]
@@ -34,9 +35,11 @@ class PostgresTable:
     ``mode="upsert"`` (keyed streams): ``table(key text PRIMARY KEY, value jsonb)`` holds the
     latest value per key; string keys are stored as they are, other keys as their JSON text.
     Several tasks upserting the same key overwrite each other (state is per task).
-    ``mode="append"``: ``table(id bigint identity PRIMARY KEY, key jsonb, value jsonb)`` gets
-    one row per item, in order (``key`` is NULL on a stream without keys). The table is
-    created when missing.
+    ``mode="append"``: ``table(id bigint identity PRIMARY KEY, task text, seq bigint, key jsonb,
+    value jsonb)`` gets one row per item, in order (``key`` is NULL on a stream without keys),
+    tagged with the task and checkpoint that wrote it: when a task resumes from an earlier
+    checkpoint than its newest (a corrupt newest record, a rewind), its rows of the discarded
+    checkpoints are deleted before it writes again. The table is created when missing.
 
     Args:
         dsn: the database of the pipeline's ``PostgresStore`` (the same database is
@@ -87,9 +90,13 @@ class PostgresTable:
                     conn.execute(f"SELECT key, value FROM {self.qualified} LIMIT 0")
                 else:
                     conn.execute(f"CREATE TABLE IF NOT EXISTS {self.qualified} (id bigint "
-                                 "GENERATED ALWAYS AS IDENTITY PRIMARY KEY, key jsonb, "
-                                 "value jsonb NOT NULL)")
-                    conn.execute(f"SELECT id, key, value FROM {self.qualified} LIMIT 0")
+                                 "GENERATED ALWAYS AS IDENTITY PRIMARY KEY, task text NOT NULL, "
+                                 "seq bigint NOT NULL, key jsonb, value jsonb NOT NULL)")
+                    index = f'"{self.table.split(".")[-1]}_by_task_seq"'
+                    conn.execute(f"CREATE INDEX IF NOT EXISTS {index} ON {self.qualified} "
+                                 "(task, seq)")
+                    conn.execute(f"SELECT id, task, seq, key, value FROM {self.qualified} "
+                                 "LIMIT 0")
         except psycopg.Error as exc:
             _, password = describe_dsn(self.dsn)
             reason = str(exc).strip()
@@ -98,7 +105,8 @@ class PostgresTable:
             raise ConfigurationError(
                 f"{self!r} cannot be used: {reason}; check the DSN and that the table has "
                 "the columns of its mode (upsert: key text primary key, value jsonb; append: "
-                "id identity, key jsonb, value jsonb), or choose another table"
+                "id identity, task text, seq bigint, key jsonb, value jsonb), or choose "
+                "another table"
             ) from None
 
     def same_database(self, conn: Any) -> bool:
@@ -132,8 +140,8 @@ class _PostgresTableWriter:
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
         else:
             self._sql = (
-                f"INSERT INTO {sink.qualified} (key, value) "
-                "SELECT k::jsonb, v::jsonb FROM unnest(%s::text[], %s::text[]) "
+                f"INSERT INTO {sink.qualified} (task, seq, key, value) "
+                "SELECT %s, %s, k::jsonb, v::jsonb FROM unnest(%s::text[], %s::text[]) "
                 "WITH ORDINALITY AS u(k, v, n) ORDER BY n")
 
     def _rows(self) -> tuple[list[str | None], list[str]]:
@@ -164,23 +172,41 @@ class _PostgresTableWriter:
         return keys, values
 
     def recover(self, meta: dict[str, Any] | None, staged: Sequence[StagedEntry]) -> None:
-        """Nothing to redo: committed rows landed with their commit record."""
+        """Nothing to redo: committed rows landed with their commit record. In append mode,
+        rows of checkpoints after the one the task resumes from (discarded as corrupt, or
+        rewound) are deleted; the new owner's epoch already fences their writer."""
+        if self._sink.mode != "append":
+            return
+        import psycopg
+
+        resumed = int(meta.get("seq", 0)) if meta else 0
+        try:
+            with psycopg.connect(self._sink.dsn, autocommit=True, connect_timeout=10) as conn:
+                conn.execute(f"DELETE FROM {self._sink.qualified} WHERE task = %s AND seq > %s",
+                             (self.ctx.task, resumed))
+        except psycopg.OperationalError as exc:
+            raise UnavailableError(f"{self._sink!r}: recovering task {self.ctx.task!r} "
+                                   f"failed ({type(exc).__name__}); the task restarts") from None
 
     def precommit(self, seq: int) -> Precommit:
+        append = self._sink.mode == "append"
+        meta = {"seq": seq} if append else None
         if not self.buffer:
-            return Precommit()
+            return Precommit(meta=meta)
         keys, values = self._rows()
         self.buffer.clear()
         sink = self._sink
+        params: tuple[Any, ...] = (self.ctx.task, seq, keys, values) if append else \
+            (keys, values)
 
         def write(conn: Any) -> None:
             if not sink.same_database(conn):
                 raise ConfigurationError(
                     f"{sink!r} must be written in the store's transaction, but the store is "
                     "not a PostgresStore on the same database; give both the same DSN")
-            conn.execute(self._sql, (keys, values))
+            conn.execute(self._sql, params)
 
-        return Precommit(in_store=write)
+        return Precommit(meta=meta, in_store=write)
 
     def finalize(self, seq: int) -> None:
         """Nothing to do: the rows became visible at the commit point."""

@@ -55,11 +55,12 @@ from ._workload import workload
 
 __all__ = ["PG_SINK_KINDS", "PostgresSchedule", "run_pg_seed"]
 
-PgSinkKind = Literal["memory", "table"]
+PgSinkKind = Literal["memory", "table", "append"]
 
-PG_SINK_KINDS: tuple[PgSinkKind, ...] = ("memory", "table")
+PG_SINK_KINDS: tuple[PgSinkKind, ...] = ("memory", "table", "append")
 """``memory``: a two-phase ``MemorySink`` staging through the store; ``table``: a
-``PostgresTable`` per task, written in the store's transaction."""
+``PostgresTable`` per task upserting by key (keyed flows), ``append``: one in append mode;
+both written in the store's transaction."""
 
 _schemas = iter(range(1, 1 << 62))
 
@@ -105,13 +106,15 @@ def _table(schema: str, partition: str) -> str:
 class _TablePerTask:
     """``PostgresTable`` with one table per task (tasks of one table would race on keys)."""
 
-    def __init__(self, dsn: str, schema: str) -> None:
+    def __init__(self, dsn: str, schema: str, mode: str) -> None:
         self.dsn = dsn
         self.schema = schema
+        self.mode = mode
         self.name = f"postgres:{schema}.out_*"
 
     def open(self, ctx: SinkContext) -> SinkWriter:
-        return PostgresTable(self.dsn, table=_table(self.schema, ctx.partition)).open(ctx)
+        return PostgresTable(self.dsn, table=_table(self.schema, ctx.partition),
+                             mode=self.mode).open(ctx)
 
 
 class PostgresSchedule(Schedule):
@@ -120,7 +123,7 @@ class PostgresSchedule(Schedule):
     Args:
         build_flow, inputs, plan, trace: as for ``Schedule``.
         dsn: the database (a schema of its own is made in it and dropped by ``cleanup``).
-        sink: ``memory`` or ``table`` (``table`` needs a keyed flow).
+        sink: one of ``PG_SINK_KINDS`` (``table`` needs a keyed flow).
     """
 
     takeover_points = Schedule.takeover_points
@@ -147,8 +150,9 @@ class PostgresSchedule(Schedule):
 
     def _make_sinks(self, sink_type: type[MemorySink]) -> tuple[FaultySink, FaultySink]:
         out: FaultySink = MemorySink("out")
-        if self.sink_kind == "table":
-            out = _FlakySink(_TablePerTask(self.dsn, self.schema))
+        if self.sink_kind != "memory":
+            mode = "upsert" if self.sink_kind == "table" else "append"
+            out = _FlakySink(_TablePerTask(self.dsn, self.schema, mode))
         return out, MemorySink("dead-letters")
 
     def _make_store(self, store_type: type[MemoryStore]) -> PostgresStore:
@@ -224,7 +228,7 @@ class PostgresSchedule(Schedule):
                 result.state[task] = state
                 found += problems
                 accepted = self.observed.accepted(task)
-                if self.sink_kind == "table":
+                if self.sink_kind != "memory":
                     result.output[task] = self._rows(partition)
                 else:
                     assert isinstance(self.sink, MemorySink)
@@ -261,16 +265,20 @@ class PostgresSchedule(Schedule):
         return state, []
 
     def _rows(self, partition: str) -> list[Any]:
+        table = _table(self.schema, partition)
+        append = self.sink_kind == "append"
         with psycopg.connect(self.dsn) as conn:
             try:
                 rows = [[k, v] for k, v in conn.execute(
-                    f"SELECT key, value FROM {_table(self.schema, partition)}")]
+                    f"SELECT key, value FROM {table}" + (" ORDER BY id" if append else ""))]
             except psycopg.errors.UndefinedTable:
                 return []
+        if append:  # items in commit order, as the flow emitted them
+            return rows if self.flow.keyed else [v for _, v in rows]
         return sorted(rows, key=encode)
 
     def expected(self, reference: Outcome) -> Outcome:
-        if self.sink_kind == "memory":
+        if self.sink_kind != "table":
             return reference
         return replace(reference, output={task: _expected_rows(items)
                                           for task, items in reference.output.items()})
@@ -303,10 +311,10 @@ def run_pg_seed(seed: int, dsn: str, *, sink: PgSinkKind | None = None,
     _, build, inputs = workload(seed)
     plan = FaultPlan.draw(seed, guarantee=guarantee)
     keyed = build(MemorySource({"0": []}), MemorySink()).keyed
-    kind: PgSinkKind = "memory"
-    if keyed and (sink == "table" or
-                  (sink is None and random.Random(seed * 7919 + 5).random() < 0.5)):
-        kind = "table"
+    kinds = PG_SINK_KINDS if keyed else ("memory", "append")
+    kind: PgSinkKind = sink if sink in kinds else "memory"
+    if sink is None:
+        kind = random.Random(seed * 7919 + 5).choice(kinds)
     reference = _reference(build, inputs, plan.guarantee, seed)
     schedule = PostgresSchedule(build, inputs, plan, dsn=dsn, sink=kind, trace=trace)
     try:
