@@ -265,3 +265,41 @@ def test_broker_restart_between_commit_and_finalize(kafka: Any, topic: Callable[
     want = [[k, v] for s in (1, 2, 3) for k, v in _batch(s)]
     assert sorted(_read(kafka, name), key=_order) == want
     owner.writer.close()
+
+
+# -- end to end: the example flow, SIGKILLed, resumed --------------------------------------
+
+_PIPELINE = '''\
+"""Example flow into Kafka, written by the test suite."""
+import resumeflow as rf
+
+
+def flow():
+    f = rf.Flow("orders")
+    (f.source(rf.sources.JsonLines({events!r}))
+      .key_by(lambda e: e["customer"])
+      .reduce(lambda total, e: total + e["amount"], initial=0)
+      .sink(rf.sinks.KafkaSink({topic!r}, bootstrap={bootstrap!r})))
+    return f
+'''
+
+
+@pytest.mark.parametrize("crash_at", ["commit.after_precommit:3", "commit.after_store:3",
+                                      "sink.finalize.partial:2", "batch.mid:5"])
+def test_example_flow_killed_and_resumed_is_exactly_once(
+        kafka: Any, topic: Callable[..., str], work: Any, crash_at: str) -> None:
+    """The example flow from a JSON-lines file into KafkaSink on SQLiteStore, SIGKILLed at a
+    commit step and resumed, leaves every running total in the topic exactly once, in order."""
+    import signal
+
+    events = work.events(3000, seed=1)
+    name = topic()
+    spec = work.root / "pipeline.py"
+    spec.write_text(_PIPELINE.format(events=str(events.path), topic=name,
+                                     bootstrap=kafka.bootstrap))
+    args = work.run_args(f"{spec}:flow", replay_max_events=500)
+    killed = work.cli(*args, crash_at=crash_at)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    done = work.cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert _read(kafka, name) == [[e["key"], e["value"]] for e in events.running_totals()]
