@@ -303,3 +303,27 @@ def test_example_flow_killed_and_resumed_is_exactly_once(
     done = work.cli(*args)
     assert done.returncode == 0, done.stderr
     assert _read(kafka, name) == [[e["key"], e["value"]] for e in events.running_totals()]
+
+
+def test_finalize_on_another_thread_while_the_buffer_fills(
+        kafka: Any, topic: Callable[..., str], store: Store) -> None:
+    """Finalize running on a background thread while the main thread fills the buffer and
+    commits the next checkpoint loses and duplicates nothing."""
+    import threading
+
+    name = topic()
+    owner = _Owner(_sink(kafka, name), store)
+    seq = owner.commit(_batch(1, 50))
+    for s in range(2, 9):
+        finalizer = threading.Thread(target=owner.writer.finalize, args=(seq,))
+        finalizer.start()
+        for item in _batch(s, 50):  # the pipeline keeps emitting while seq is published
+            owner.writer.buffer.append(item)
+        following = owner.commit([])  # pre-commit and store commit, releasable() included
+        finalizer.join()
+        seq = following
+    owner.writer.finalize(seq)
+    want = [[k, v] for s in range(1, 9) for k, v in _batch(s, 50)]
+    assert sorted(_read(kafka, name), key=_order) == want
+    assert owner.writer.releasable() == seq == 8
+    owner.writer.close()

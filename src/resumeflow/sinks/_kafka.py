@@ -396,9 +396,11 @@ class _KafkaWriter:
                     except BufferError:
                         producer.poll(0.05)
             left = producer.flush(self.sink.op_timeout_s)
-            if left:
-                raise self._unavailable(f"sending {len(todo)} records", f"{left} not "
-                                        f"acknowledged within {self.sink.op_timeout_s:g} s")
+            while left:  # the idempotent producer keeps sending them; wait within the budget
+                attempt += 1
+                self._wait(f"waiting for {left} acknowledgements", "no answer within "
+                           f"{self.sink.op_timeout_s:g} s", attempt, began)
+                left = producer.flush(self.sink.op_timeout_s)
             if failed:
                 err = errors[0]
                 if _fenced(err) or err.fatal() or not err.retriable():
