@@ -94,3 +94,46 @@ def test_failed_start_reports_the_broker_log(kafka: Any, tmp_path: Path) -> None
         broker.start()
     broker.close()
     assert "log.segment.bytes" in str(info.value)
+
+
+_ORPHAN = """
+import sys, threading, time
+from pathlib import Path
+from resumeflow.testing._kafka_broker import KafkaBroker
+broker = KafkaBroker(data_dir=Path(sys.argv[1])).start()
+restart = threading.Thread(target=broker.restart)  # a short-lived thread starts the JVM
+restart.start()
+restart.join()
+print(broker._proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_jvm_dies_with_a_killed_test_process(kafka: Any, tmp_path: Path) -> None:
+    """SIGKILLing the process that runs a broker, restarted from a thread since ended, kills
+    the broker's JVM too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", _ORPHAN, str(tmp_path / "k")],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        jvm = int(proc.stdout.readline())
+        time.sleep(1)
+        os.kill(jvm, 0)  # alive: its starting thread has ended, its process has not
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(jvm, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(jvm, signal.SIGKILL)
+    pytest.fail(f"the broker JVM {jvm} outlived its killed parent")

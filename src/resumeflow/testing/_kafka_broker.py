@@ -12,8 +12,9 @@ separate JVM bound to 127.0.0.1 on free ports::
 ``stop()`` and ``start()`` keep the data directory and the ports, so a test can restart the
 broker mid-run and find its topics, committed transactions and group offsets again. A broker
 that fails to start raises ``BrokerStartError`` with the tail of its log. The JVM is killed when
-the interpreter exits, and also when the thread that started it dies abruptly if that thread is
-the main thread (Linux parent-death signal), so a SIGKILLed test run leaves no broker behind.
+the interpreter exits, and also when the process dies abruptly (Linux parent-death signal, set
+from a spawner thread that lives as long as the interpreter), so a SIGKILLed test run leaves no
+broker behind.
 
 From a shell, ``python -m resumeflow.testing._kafka_broker fetch`` fills the cache (CI runs it
 before the tests) and ``... run`` starts a broker and prints its bootstrap address until Ctrl-C.
@@ -33,6 +34,7 @@ import ctypes
 import fcntl
 import json
 import os
+import queue
 import secrets
 import shutil
 import signal
@@ -43,7 +45,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -252,9 +254,43 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the thread that started us dies (Linux)."""
+    """In the child before exec: get SIGKILL when the thread that started it dies (Linux)."""
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_spawn_lock = threading.Lock()
+_spawn_requests: queue.Queue[tuple[Callable[[], Any], queue.Queue[Any]]] = queue.Queue()
+_spawner: threading.Thread | None = None
+
+
+def _spawner_loop() -> None:
+    while True:
+        call, reply = _spawn_requests.get()
+        try:
+            reply.put((True, call()))
+        except BaseException as exc:
+            reply.put((False, exc))
+
+
+def _spawn(cmd: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+    """``Popen`` from one thread that lives as long as the interpreter, so the child's
+    parent-death signal fires when this process dies, not when the calling thread ends (a
+    test may restart the broker from a short-lived thread)."""
+    global _spawner
+    with _spawn_lock:
+        if _spawner is None or not _spawner.is_alive():
+            _spawner = threading.Thread(target=_spawner_loop, name="kafka-broker-spawner",
+                                        daemon=True)
+            _spawner.start()
+    reply: queue.Queue[Any] = queue.Queue()
+    _spawn_requests.put((lambda: subprocess.Popen(cmd, preexec_fn=_die_with_parent, **kw),
+                         reply))
+    ok, result = reply.get()
+    if not ok:
+        raise result
+    proc: subprocess.Popen[bytes] = result
+    return proc
 
 
 _live: weakref.WeakSet[KafkaBroker] = weakref.WeakSet()
@@ -409,11 +445,9 @@ class KafkaBroker:
     def _launch(self, lib: Path) -> None:
         cmd = self._java(lib, "kafka.Kafka", str(self.root / "server.properties"))
         start_at = self.log_path.stat().st_size if self.log_path.exists() else 0
-        main_thread = threading.current_thread() is threading.main_thread()
         with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.root, preexec_fn=_die_with_parent if main_thread else None)
+            self._proc = _spawn(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=self.root)
         deadline = time.monotonic() + self.start_timeout_s
         while True:
             if self._ready(start_at):
