@@ -1,7 +1,7 @@
 """Sinks: outputs staged before the commit point and finalized idempotently after it.
 
-``PostgresTable`` is imported on first use (it needs the ``postgres`` extra: psycopg), so
-``import resumeflow`` works without it.
+``KafkaSink`` and ``PostgresTable`` are imported on first use (they need the ``kafka`` and
+``postgres`` extras: confluent-kafka, psycopg), so ``import resumeflow`` works without them.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -14,6 +14,7 @@ from ._stdout import Stdout
 __all__ = [
     "Guarantee",
     "JsonLinesSink",
+    "KafkaSink",
     "Precommit",
     "SQLiteTable",
     "Sink",
@@ -23,10 +24,13 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from ._kafka import KafkaSink as KafkaSink
     from ._postgres import PostgresTable as PostgresTable
 
 
 def __getattr__(name: str) -> Any:
+    """Connectors with optional dependencies load on first use (``import resumeflow`` stays
+    light)."""
     if name == "PostgresTable":
         try:
             from ._postgres import PostgresTable
@@ -35,4 +39,8 @@ def __getattr__(name: str) -> Any:
                 f"PostgresTable needs the postgres extra (psycopg 3): pip install "
                 f"'resumeflow[postgres]' ({exc})") from exc
         return PostgresTable
+    if name == "KafkaSink":
+        from ._kafka import KafkaSink
+
+        return KafkaSink
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
