@@ -104,15 +104,17 @@ class TailIndex:
 
     def _load(self, db: sqlite3.Connection, task_no: int) -> tuple[list[tuple[int, list[bytes]]],
                                                                   int]:
-        rows = db.execute(
-            "SELECT d.seq, d.firsts FROM delta_dirs d JOIN tasks t ON t.task_no = d.task_no "
-            "WHERE d.task_no = ? AND d.seq > t.compacted_seq ORDER BY d.seq", (task_no,)
-        ).fetchall()
-        dirs = [(int(seq), _firsts_decoder.decode(bytes(firsts))) for seq, firsts in rows]
+        # Under the lock: a commit on another thread that lands meanwhile either is in the
+        # rows read or is added after them (``add`` waits), never lost between the two.
         with self._lock:
+            rows = db.execute(
+                "SELECT d.seq, d.firsts FROM delta_dirs d JOIN tasks t ON t.task_no = d.task_no "
+                "WHERE d.task_no = ? AND d.seq > t.compacted_seq ORDER BY d.seq", (task_no,)
+            ).fetchall()
+            dirs = [(int(seq), _firsts_decoder.decode(bytes(firsts))) for seq, firsts in rows]
             self._dirs[task_no] = dirs
             self._pages[task_no] = {}
-        return dirs, len(rows)
+            return list(dirs), len(rows)
 
     def lookup(self, db: sqlite3.Connection, task_no: int,
                key: bytes) -> tuple[bool, bytes | None, int]:
@@ -147,7 +149,7 @@ class TailIndex:
         """Record a committed delta's directory (if this task's directory is loaded)."""
         with self._lock:
             dirs = self._dirs.get(task_no)
-            if dirs is not None:
+            if dirs is not None and (not dirs or dirs[-1][0] < seq):
                 dirs.append((seq, firsts))
 
     def forget(self, task_no: int) -> None:

@@ -37,6 +37,8 @@ log = logging.getLogger("resumeflow.sinks")
 
 _encoder = msgspec.json.Encoder()
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_CHUNK = 4096
+"""Items encoded at a time."""
 
 
 class JsonLinesSink:
@@ -166,14 +168,21 @@ class _JsonLinesWriter:
 
     # -- the checkpoint --------------------------------------------------------------------
 
-    def _encode(self) -> bytes:
-        items = self.buffer
-        if self._wrap:
-            items = [{"key": k, "value": v} for k, v in items]
-        elif self._unwrap:
-            items = [v for _, v in items]
+    def _encode(self, items: list[Any]) -> bytes:
+        """The JSON lines of ``items``, built a chunk at a time (keyed items become a dict
+        each only for the length of one chunk)."""
+        wrap, unwrap, encode_lines = self._wrap, self._unwrap, _encoder.encode_lines
         try:
-            return _encoder.encode_lines(items)
+            if not (wrap or unwrap):
+                return encode_lines(items)
+            out = bytearray()
+            for start in range(0, len(items), _CHUNK):
+                chunk = items[start:start + _CHUNK]
+                if wrap:
+                    out += encode_lines([{"key": k, "value": v} for k, v in chunk])
+                else:
+                    out += encode_lines([v for _, v in chunk])
+            return bytes(out)
         except TypeError as exc:
             raise DataError(
                 f"output for {str(self.path)!r} is not JSON-serializable ({exc}); emit dicts, "
@@ -181,8 +190,18 @@ class _JsonLinesWriter:
             ) from exc
 
     def precommit(self, seq: int) -> Precommit:
-        payload = self._encode() if self.buffer else b""
+        return self.cut(seq)()
+
+    def cut(self, seq: int) -> Callable[[], Precommit]:
+        """Detach the buffer now (the checkpoint's cut); encode and stage it when the
+        returned function runs, on the commit's executor, while new items fill the buffer."""
+        items = self.buffer.copy()
         self.buffer.clear()
+        return functools.partial(self._precommit, seq, items)
+
+    def _precommit(self, seq: int, items: list[Any]) -> Precommit:
+        payload = self._encode(items) if items else b""
+        del items[:]
         if not self._exactly_once:
             return Precommit(meta=self._append_now(payload))
         base = self._length

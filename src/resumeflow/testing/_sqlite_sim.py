@@ -55,6 +55,7 @@ from ..checkpoint._sqlite_state import compact
 from ..checkpoint._store import InStoreWrite
 from ..errors import ConfigurationError, UnavailableError
 from ..runtime import TaskRunner
+from ..runtime._task import DeferredCommitExecutor
 from ..sinks import JsonLinesSink, Precommit, Sink, SinkContext, SinkWriter, SQLiteTable
 from ._check import Outcome
 from ._clock import FakeClock
@@ -241,6 +242,18 @@ class _FlakyWriter:
         self.sink.fail("precommit")
         return self.inner.precommit(seq)
 
+    def cut(self, seq: int) -> Callable[[], Precommit]:
+        cut = getattr(self.inner, "cut", None)
+        if cut is None:
+            pre = self.precommit(seq)
+            return lambda: pre
+        stage = cut(seq)
+
+        def precommit() -> Precommit:
+            self.sink.fail("precommit")
+            return cast(Precommit, stage())
+        return precommit
+
     def finalize(self, seq: int) -> None:
         self.sink.fail("finalize")
         self.inner.finalize(seq)
@@ -323,7 +336,8 @@ class SQLiteSchedule(Schedule):
             flow=self.flow, partition=partition, partitions=len(self.partitions),
             store=self.observed.over(store), config=self.config, dead_letters=self.dead,
             clock=self.clock.monotonic, wall=self.clock.time, sleep=self.clock.sleep,
-            rng=random.Random(self.plan.seed), store_path=store.database_path)
+            rng=random.Random(self.plan.seed), store_path=store.database_path,
+            executor=DeferredCommitExecutor())
         self._stores[runner] = store
         return runner
 
