@@ -64,7 +64,7 @@ class FaultySink(Protocol):
 PIPELINED_COMMIT_RATE = 0.5
 """Share of commits a schedule makes pipelined (``commit_async``): the cut now, the writes
 later, while the runner reads on."""
-PIPELINED_RUN_RATE = 0.3
+PIPELINED_RUN_RATE = 0.15
 """Chance, at each step of a runner, that its pipelined commit in flight runs before it."""
 
 _TAKEOVER_POINTS = frozenset({
@@ -354,7 +354,11 @@ class Schedule:
                     self._event(f"pipelined commit of {runner.task_id} ran")
             finally:
                 self._disarm()
+        seq = runner.seq
         n = runner.step()
+        if runner.seq != seq:  # the step waited for the pipelined commit in flight
+            self.counts["commits"] += 1
+            self._event(f"commit {runner.task_id} seq {runner.seq} durable")
         self.clock.advance(n * self.plan.record_cost_s + 1e-4)
         if not runner.has_uncommitted():
             return
