@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import operator
 import queue
 import sqlite3
 import threading
@@ -75,6 +76,8 @@ def decode_delta(blob: bytes) -> Delta:
     return _decoder.decode(blob)
 
 
+_first = operator.itemgetter(0)
+
 PAGE_KEYS = 128
 """Entries per delta page: a cold read decodes one page per uncompacted delta, at most."""
 
@@ -82,7 +85,7 @@ PAGE_KEYS = 128
 def delta_rows(task_no: int, seq: int, delta: Sequence[tuple[bytes, bytes | None]]
                ) -> tuple[tuple[int, int, bytes], list[tuple[int, int, int, bytes]], list[bytes]]:
     """A delta as sorted pages plus a directory of each page's first key."""
-    items = sorted(delta)
+    items = sorted(delta, key=_first)  # keys are unique: comparing keys alone is enough
     pages = [items[i:i + PAGE_KEYS] for i in range(0, len(items), PAGE_KEYS)]
     firsts = [page[0][0] for page in pages]
     rows = [(task_no, seq, no, _encode(page)) for no, page in enumerate(pages)]

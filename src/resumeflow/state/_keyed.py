@@ -115,13 +115,15 @@ class KeyedState:
 
     def take_delta(self) -> list[tuple[bytes, bytes | None]]:
         """Encode and clear the dirty keys; deleted keys become tombstones (``None``)."""
-        values = self.values
         prefix = self._prefix
         enc = _encode
         dirty = list(self.dirty)
         self.dirty.clear()
+        get = self.values.get
+        olds = [get(k, MISSING) for k in dirty]
         keys = [prefix + enc(k) for k in dirty] if prefix else [enc(k) for k in dirty]
-        olds = [values.get(k, MISSING) for k in dirty]
+        if MISSING not in olds:  # no deletion: encode every value in one pass
+            return list(zip(keys, map(enc, olds), strict=True))
         if self._cold:
             self._unsettled.update(k for k, v in zip(dirty, olds, strict=True) if v is MISSING)
         return [(kb, None if v is MISSING else enc(v)) for kb, v in zip(keys, olds, strict=True)]
