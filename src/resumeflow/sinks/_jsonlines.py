@@ -57,11 +57,16 @@ class JsonLinesSink:
         path: output file. With a multi-partition source, include ``{partition}`` in it:
             each task owns one file.
         with_key: for keyed streams, write ``{"key": k, "value": v}`` (default) or only ``v``.
+        stage_in_store_max: exactly-once output of a checkpoint up to this many bytes is
+            staged in the store's commit transaction instead of a staging file (0: always
+            a staging file).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, with_key: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, with_key: bool = True,
+                 stage_in_store_max: int = INLINE_STAGING_MAX) -> None:
         self.path = str(path)
         self.with_key = with_key
+        self.stage_in_store_max = stage_in_store_max
         self.name = f"jsonl:{self.path}"
 
     def open(self, ctx: SinkContext) -> _JsonLinesWriter:
@@ -76,14 +81,17 @@ class JsonLinesSink:
             path = Path(self.path)
         if not path.parent.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-        return _JsonLinesWriter(path, ctx, with_key=self.with_key)
+        return _JsonLinesWriter(path, ctx, with_key=self.with_key,
+                                inline_max=self.stage_in_store_max)
 
     def __repr__(self) -> str:
         return f"JsonLinesSink({self.path!r})"
 
 
 class _JsonLinesWriter:
-    def __init__(self, path: Path, ctx: SinkContext, *, with_key: bool) -> None:
+    def __init__(self, path: Path, ctx: SinkContext, *, with_key: bool,
+                 inline_max: int = INLINE_STAGING_MAX) -> None:
+        self._inline_max = inline_max
         self.path = path
         self.ctx = ctx
         self.buffer: list[Any] = []
@@ -224,7 +232,7 @@ class _JsonLinesWriter:
         if not payload:
             return Precommit(meta=meta)
         self._pending[seq] = (meta, payload)
-        if len(payload) <= INLINE_STAGING_MAX:
+        if len(payload) <= self._inline_max:
             # Small output rides in the store's commit transaction: its fsync covers it, so
             # no staging file and no fsync of its own.
             return Precommit(meta=meta, staged=StagedEntry(sink=self.ctx.sink_id, seq=seq,
