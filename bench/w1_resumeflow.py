@@ -1,4 +1,5 @@
-"""W1 on resumeflow, exactly-once at the default commit bound, or with commits disabled.
+"""W1 on resumeflow, exactly-once at the default commit bound (pipelined, or not: ``sync``),
+or with commits disabled (``off``).
 
 "Commits disabled" is the same flow on the same runtime, cut into the same windows (100 ms /
 100,000 records), with no checkpoint write at all: a store that keeps nothing (no commit
@@ -114,8 +115,11 @@ def main(src: Path, out: Path, mode: str) -> None:
             leftover.unlink()
     out.unlink(missing_ok=True)
     config = rf.RunConfig()
-    if mode == "default":
+    if mode in ("default", "sync"):
         label = "resumeflow, exactly-once, 100 ms / 100k commits"
+        if mode == "sync":
+            config = rf.RunConfig(pipelined_commit=False)
+            label += ", not pipelined"
         summary = rf.run(build(src, rf.sinks.JsonLinesSink(out)), store_path, config)
     else:
         label = "resumeflow, commits disabled (no checkpoint writes)"
