@@ -58,7 +58,7 @@ COMPACT_ON_CLOSE_MAX_PAGES = 1000
 MAX_TAIL_DELTAS = 32
 """Uncompacted deltas a task may have before a commit waits for the compactor."""
 
-_CHUNK_KEYS = 128
+_CHUNK_KEYS = 500
 
 Delta = list[tuple[bytes, bytes | None]]
 

@@ -21,6 +21,7 @@ import random
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -62,6 +63,9 @@ DEAD = "dead"
 _NOT_USER_ERRORS = (UnavailableError, CorruptCheckpointError, FencedError, InternalError)
 """Failures of the store or of resumeflow itself: they restart the task, never dead-letter."""
 
+
+_TIMINGS_KEPT = 100_000
+"""Commit timings a task keeps (the most recent)."""
 
 CommitJob = Callable[[], CommitRecord]
 """The writes of one checkpoint after its cut: sink pre-commit, commit point, finalize."""
@@ -281,10 +285,10 @@ class TaskRunner:
         self._pending: PendingCommit | None = None
         self._inflight_events = 0
         """Records of the commit in flight: read past the last durable checkpoint, too."""
-        self.commit_latency_s: list[float] = []
-        """Per commit, from its cut until it was durable and finalized (measured in the job)."""
-        self.commit_stall_s: list[float] = []
-        """Per cut, how long the task's thread waited for the commit before it."""
+        self.commit_latency_s: deque[float] = deque(maxlen=_TIMINGS_KEPT)
+        """Per recent commit, from its cut until it was durable and finalized."""
+        self.commit_stall_s: deque[float] = deque(maxlen=_TIMINGS_KEPT)
+        """Per recent wait for a commit in flight, how long the task's thread waited."""
 
     @property
     def executor(self) -> CommitExecutor:
