@@ -633,8 +633,9 @@ whose keys all differ and all have state, so every commit carries exactly {s['di
 keys ({exact} of {len(sizes)} commits checked) over {keys:,} keys; {s['commits']} commits per
 run. Each commit is timed from its cut (on the task's thread: the state delta encoded, the
 sink buffers detached) until it is durable and finalized (on the commit thread: sink
-precommit with the staging fsync, commit record, the SQLite transaction with its fsync, the
-append of the output with its fsync): `TaskRunner.commit_latency_s`. With the replay bound
+precommit, whose output of about 30 KB is staged in the store's transaction, commit record,
+the SQLite transaction with its fsync, the append of the output, fsynced once per 8
+commits): `TaskRunner.commit_latency_s`. With the replay bound
 equal to the commit window, as here, the task cannot read on while a commit is in flight
 (the hard bound counts that commit's records), so pipelining hides nothing: the task's thread
 waits for each commit in full. The background compactor runs as usual.
