@@ -30,7 +30,10 @@ def make_w1(path: Path, records: int) -> Path:
 
 def report(**fields: object) -> None:
     """Print one JSON result line with peak memory, for the driver to collect."""
-    fields["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    fields["maxrss_mb"] = usage.ru_maxrss / 1024
+    fields["cpu_s"] = usage.ru_utime + usage.ru_stime
+    """CPU time of the whole process (every thread; start-up included)."""
     fields["import_s"] = fields.get("import_s", 0.0)
     sys.stdout.write(json.dumps(fields) + "\n")
     sys.stdout.flush()

@@ -15,4 +15,5 @@ import resumeflow as rf
 
 
 def flow() -> rf.Flow:
-    return build(Path(os.environ["RF_BENCH_SRC"]), Path(os.environ["RF_BENCH_OUT"]))
+    return build(Path(os.environ["RF_BENCH_SRC"]),
+                 rf.sinks.JsonLinesSink(Path(os.environ["RF_BENCH_OUT"])))

@@ -38,6 +38,7 @@ CONTENDERS: list[tuple[str, list[str]]] = [
     ("plain", ["w1_plain.py", "{src}", "{out}"]),
     ("rf-default", ["w1_resumeflow.py", "{src}", "{out}", "default"]),
     ("rf-off", ["w1_resumeflow.py", "{src}", "{out}", "off"]),
+    ("rf-sync", ["w1_resumeflow.py", "{src}", "{out}", "sync"]),
     ("bytewax-100ms", ["w1_bytewax.py", "{src}", "{out}", "0.1"]),
     ("bytewax-10s", ["w1_bytewax.py", "{src}", "{out}", "10"]),
     ("bytewax-none", ["w1_bytewax.py", "{src}", "{out}", "none"]),
@@ -139,7 +140,12 @@ Written by `{_command(opts)}` on {_machine(revision)}. Figures are medians of {r
 contenders alternating; the ratios are what to compare.
 
 Seconds are processing time inside each contender's process, from after its imports to its
-end; interpreter start-up is not included. Peak RSS is each contender process's `ru_maxrss`.
+end; interpreter start-up is not included. CPU s is the process's user + system time, every
+thread and start-up included (steadier than wall time on a shared machine, but blind to
+what overlapping I/O gains). Peak RSS is each contender process's `ru_maxrss`. "Commits
+disabled" is the same flow and runtime cut into the same windows with no checkpoint write at
+all: a store that keeps nothing and a sink appending each window's lines with a plain write
+(no staging, no fsync); see `bench/w1_resumeflow.py`.
 
 {table}
 
@@ -198,11 +204,14 @@ def _summarize(results: dict[str, list[dict[str, object]]], records: int) -> str
     med = {name: _median(rs, "seconds") for name, rs in results.items() if rs}
     mem = {name: _median(rs, "maxrss_mb") for name, rs in results.items() if rs}
     rate = {name: records / s for name, s in med.items()}
-    lines = ["| contender | median s | records/s | peak RSS MB |", "|---|---:|---:|---:|"]
+    cpu = {name: _median(rs, "cpu_s") for name, rs in results.items() if rs}
+    lines = ["| contender | median s | records/s | CPU s | peak RSS MB |",
+             "|---|---:|---:|---:|---:|"]
     for name, rs in results.items():
         if rs:
             label = str(rs[0]["contender"])
-            lines.append(f"| {label} | {med[name]:.2f} | {rate[name]:,.0f} | {mem[name]:.0f} |")
+            lines.append(f"| {label} | {med[name]:.2f} | {rate[name]:,.0f} | {cpu[name]:.2f} | "
+                         f"{mem[name]:.0f} |")
     lines += ["", "| ratio | value | goal |", "|---|---:|---|"]
 
     def ratio(label: str, a: str, b: str, goal: str) -> None:
@@ -217,6 +226,7 @@ def _summarize(results: dict[str, list[dict[str, object]]], records: int) -> str
     ratio("resumeflow ÷ Bytewax, 10 s snapshots", "rf-default", "bytewax-10s", "-")
     ratio("resumeflow ÷ Bytewax, no recovery", "rf-default", "bytewax-none", "≥ 2")
     ratio("resumeflow 100 ms commits ÷ commits disabled", "rf-default", "rf-off", "≥ 0.97")
+    ratio("resumeflow pipelined commits ÷ not pipelined", "rf-default", "rf-sync", "-")
     return "\n".join(lines)
 
 

@@ -45,11 +45,55 @@ def test_output_is_invisible_until_finalize(tmp_path: Path) -> None:
     assert out.read_bytes() == b""
     assert pre.staged is not None and pre.meta is not None
     assert pre.meta["file"] == str(out) and pre.meta["base"] == 0
-    assert pre.meta["end"] == pre.meta["stage_len"] > 0
+    assert pre.meta["end"] == len(pre.staged.payload) > 0
     assert w.buffer == []
     w.finalize(1)
     assert lines(out) == [{"key": "a", "value": 1}, {"key": "b", "value": 2}]
-    assert w.releasable() == 1
+    w.close()
+
+
+def test_output_staged_in_the_store_is_released_only_once_fsynced(tmp_path: Path) -> None:
+    """Small checkpoints' appends share one fsync per SYNC_EVERY checkpoints: until then
+    ``releasable()`` does not name them, so the store keeps their staged output."""
+    from resumeflow.sinks._jsonlines import SYNC_EVERY
+
+    out = tmp_path / "out.jsonl"
+    w = JsonLinesSink(out).open(ctx())
+    for seq in range(1, SYNC_EVERY):
+        w.buffer.append(("a", seq))
+        w.precommit(seq)
+        w.finalize(seq)
+        assert w.releasable() is None
+    w.buffer.append(("a", SYNC_EVERY))
+    w.precommit(SYNC_EVERY)
+    w.finalize(SYNC_EVERY)
+    assert w.releasable() == SYNC_EVERY
+    assert len(lines(out)) == SYNC_EVERY
+    w.close()
+
+
+def test_small_output_is_staged_in_the_store_and_large_output_in_a_staging_file(
+        tmp_path: Path) -> None:
+    """Output up to INLINE_STAGING_MAX bytes rides in the staged entry (no staging file);
+    larger output is written to the staging file, which the entry and the meta name."""
+    from resumeflow.sinks._jsonlines import INLINE_STAGING_MAX
+
+    out = tmp_path / "out.jsonl"
+    w = JsonLinesSink(out).open(ctx())
+    w.buffer.append(("a", 1))
+    small = w.precommit(1)
+    assert small.staged is not None and small.staged.payload == b'{"key":"a","value":1}\n'
+    assert not list(tmp_path.glob("*.rf-staging-*"))
+    w.finalize(1)
+    w.buffer.extend(("k", "x" * 100) for _ in range(INLINE_STAGING_MAX // 100 + 1))
+    large = w.precommit(2)
+    assert large.staged is not None and large.staged.payload == b""
+    assert large.meta is not None and large.meta["stage_len"] == large.meta["end"] - \
+        large.meta["base"] > INLINE_STAGING_MAX
+    (staging,) = tmp_path.glob("*.rf-staging-*")
+    assert staging.stat().st_size == large.meta["stage_len"]
+    w.finalize(2)
+    assert len(lines(out)) == 2 + INLINE_STAGING_MAX // 100
     w.close()
 
 

@@ -143,3 +143,18 @@ def test_bounded_hot_set_gives_the_same_output_end_to_end(work: Any) -> None:
     assert len(state.values) <= 20  # evicted down to the bound after the last checkpoint
     assert state.loads > 300  # more cold reads than keys: evicted keys were read back
     assert work.output("jsonl") == events.running_totals()
+
+
+def test_a_key_deleted_by_an_unsettled_delta_reads_absent_without_the_store() -> None:
+    """Between ``take_delta`` and ``settle`` (the delta not yet durable) a key it deletes
+    reads as absent without a store read; after ``settle`` cold reads go to the store."""
+    cold = ColdStore({"a": 1, "b": 2})
+    state = KeyedState(cold.load, max_hot_keys=math.inf, keys_committed=2)
+    assert state.get("a") == 1
+    state.set("a", MISSING, existed=True)
+    assert state.take_delta() == [(encode_key("a"), None)]
+    reads = len(cold.reads)
+    assert state.get("a") is MISSING and len(cold.reads) == reads
+    state.settle()
+    del cold.rows[encode_key("a")]
+    assert state.get("a") is MISSING and len(cold.reads) == reads + 1

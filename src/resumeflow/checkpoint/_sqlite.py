@@ -132,6 +132,9 @@ class SQLiteStore:
         self.rows_read = 0
         """Rows read by ``open_task`` and ``load_state`` since the store opened."""
         self._lock = threading.Lock()
+        self._reader: sqlite3.Connection | None = None
+        """Connection of ``load_state``: reads committed data only, and never waits for a
+        commit running on another thread (pipelined commits) on the write connection."""
         self._recent = TailIndex()
         self._compacted = threading.Condition()
         self._committed: dict[int, int] = {}
@@ -294,8 +297,18 @@ class SQLiteStore:
 
     # -- state -----------------------------------------------------------------------------
 
+    def _read_connection(self) -> sqlite3.Connection:
+        db = self._reader
+        if db is None:
+            if self._db is None:
+                raise ClosedError(f"store {str(self.path)!r} is closed; open a new SQLiteStore")
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                 timeout=30.0)
+            self._reader = db
+        return db
+
     def load_state(self, task_no: int, key: bytes) -> bytes | None:
-        db = self.connection
+        db = self._read_connection()
         found, value, rows = self._recent.lookup(db, task_no, key)
         self.rows_read += rows
         if found:
@@ -513,6 +526,9 @@ class SQLiteStore:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
     def _begin(self, db: sqlite3.Connection) -> None:
         try:

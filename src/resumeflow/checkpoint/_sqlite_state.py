@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import operator
 import queue
 import sqlite3
 import threading
@@ -75,6 +76,8 @@ def decode_delta(blob: bytes) -> Delta:
     return _decoder.decode(blob)
 
 
+_first = operator.itemgetter(0)
+
 PAGE_KEYS = 128
 """Entries per delta page: a cold read decodes one page per uncompacted delta, at most."""
 
@@ -82,7 +85,7 @@ PAGE_KEYS = 128
 def delta_rows(task_no: int, seq: int, delta: Sequence[tuple[bytes, bytes | None]]
                ) -> tuple[tuple[int, int, bytes], list[tuple[int, int, int, bytes]], list[bytes]]:
     """A delta as sorted pages plus a directory of each page's first key."""
-    items = sorted(delta)
+    items = sorted(delta, key=_first)  # keys are unique: comparing keys alone is enough
     pages = [items[i:i + PAGE_KEYS] for i in range(0, len(items), PAGE_KEYS)]
     firsts = [page[0][0] for page in pages]
     rows = [(task_no, seq, no, _encode(page)) for no, page in enumerate(pages)]
@@ -104,15 +107,17 @@ class TailIndex:
 
     def _load(self, db: sqlite3.Connection, task_no: int) -> tuple[list[tuple[int, list[bytes]]],
                                                                   int]:
-        rows = db.execute(
-            "SELECT d.seq, d.firsts FROM delta_dirs d JOIN tasks t ON t.task_no = d.task_no "
-            "WHERE d.task_no = ? AND d.seq > t.compacted_seq ORDER BY d.seq", (task_no,)
-        ).fetchall()
-        dirs = [(int(seq), _firsts_decoder.decode(bytes(firsts))) for seq, firsts in rows]
+        # Under the lock: a commit on another thread that lands meanwhile either is in the
+        # rows read or is added after them (``add`` waits), never lost between the two.
         with self._lock:
+            rows = db.execute(
+                "SELECT d.seq, d.firsts FROM delta_dirs d JOIN tasks t ON t.task_no = d.task_no "
+                "WHERE d.task_no = ? AND d.seq > t.compacted_seq ORDER BY d.seq", (task_no,)
+            ).fetchall()
+            dirs = [(int(seq), _firsts_decoder.decode(bytes(firsts))) for seq, firsts in rows]
             self._dirs[task_no] = dirs
             self._pages[task_no] = {}
-        return dirs, len(rows)
+            return list(dirs), len(rows)
 
     def lookup(self, db: sqlite3.Connection, task_no: int,
                key: bytes) -> tuple[bool, bytes | None, int]:
@@ -147,7 +152,7 @@ class TailIndex:
         """Record a committed delta's directory (if this task's directory is loaded)."""
         with self._lock:
             dirs = self._dirs.get(task_no)
-            if dirs is not None:
+            if dirs is not None and (not dirs or dirs[-1][0] < seq):
                 dirs.append((seq, firsts))
 
     def forget(self, task_no: int) -> None:

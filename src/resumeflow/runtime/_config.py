@@ -40,6 +40,10 @@ class RunConfig:
         restart_backoff_base_s: first wait before such a restart (full jitter, doubling).
         restart_backoff_max_s: cap of that wait.
         seed: seed of the retry jitter (``None``: from the OS).
+        pipelined_commit: write each checkpoint (sink pre-commit, the store's commit point,
+            finalize) on a background thread of the task while its next batches run; at most
+            one commit in flight, counted in the replay bound. ``False``: commit on the
+            task's thread, the next batch waits.
     """
 
     guarantee: Literal["exactly-once", "at-least-once"] = "exactly-once"
@@ -58,6 +62,7 @@ class RunConfig:
     restart_backoff_base_s: float = 0.1
     restart_backoff_max_s: float = 5.0
     seed: int | None = None
+    pipelined_commit: bool = True
 
     def __post_init__(self) -> None:
         if self.guarantee not in GUARANTEES:

@@ -199,7 +199,7 @@ class Runtime:
                 try:
                     n = task.step()
                     if task.commit_due():
-                        self._commit(task, summary)
+                        self._commit(task, summary, wait=False)
                 except UnavailableError as exc:
                     self._restart(index, exc, summary)
                     progressed += 1
@@ -218,13 +218,16 @@ class Runtime:
                 last_report = self._clock()
                 self._report(summary, last_report)
 
-    def _commit(self, task: TaskRunner, summary: RunSummary) -> None:
+    def _commit(self, task: TaskRunner, summary: RunSummary, *, wait: bool = True) -> None:
+        """Commit ``task`` (``wait=False``: pipelined, see ``TaskRunner.commit_async``); a
+        commit that became durable resets the task's count of restarts in a row."""
         began = self._clock()
-        task.commit()
+        durable = task.commit() if wait else task.commit_async()
         summary.commit_s.append(self._clock() - began)
         summary.commits += 1
         self._last_commit = self._clock()
-        self._failures.pop(task.partition, None)
+        if durable is not None:
+            self._failures.pop(task.partition, None)
 
     def _commit_all(self, summary: RunSummary, *, force: bool) -> bool:
         """Commit the tasks that are due (all with ``force``); False if one had to restart."""

@@ -4,19 +4,29 @@ Once ``commit()`` returns, every record before the committed position has its ef
 store's state and in the sinks' committed output exactly once (at-least-once sinks: at least
 once); a crash at any point before that replays from the previous checkpoint, and a crash
 after it (during finalize) is completed by the next ``open()``. Records are never read more
-than ``replay_max_events`` past the last checkpoint.
+than ``replay_max_events`` past the last durable checkpoint.
+
+Pipelined commit: ``commit_async()`` takes the checkpoint's cut on the calling thread (the
+state delta encoded, positions and stats copied, each sink's buffer detached) and hands the
+writes (sink pre-commit, the store's commit point, finalize) to a ``CommitExecutor`` while
+the next batches run. At most one commit is in flight per task: the next cut, a full replay
+window and ``commit()`` wait for it, and its failure is raised on the calling thread as the
+same exception the synchronous path raises.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from .._faults import crash_point
 from ..checkpoint import GENESIS_DIGEST, CommitRecord, OpenedTask, StagedEntry, Store, make_record
@@ -35,7 +45,15 @@ from ..state import KeyedState
 from ._config import RunConfig
 from ._progress import ProgressMarks
 
-__all__ = ["Recovery", "TaskRunner"]
+__all__ = [
+    "CommitExecutor",
+    "DeferredCommitExecutor",
+    "InlineCommitExecutor",
+    "PendingCommit",
+    "Recovery",
+    "TaskRunner",
+    "ThreadCommitExecutor",
+]
 
 log = logging.getLogger("resumeflow.runtime")
 
@@ -44,6 +62,158 @@ DEAD = "dead"
 
 _NOT_USER_ERRORS = (UnavailableError, CorruptCheckpointError, FencedError, InternalError)
 """Failures of the store or of resumeflow itself: they restart the task, never dead-letter."""
+
+
+_TIMINGS_KEPT = 100_000
+"""Commit timings a task keeps (the most recent)."""
+
+CommitJob = Callable[[], CommitRecord]
+"""The writes of one checkpoint after its cut: sink pre-commit, commit point, finalize."""
+
+
+class PendingCommit(Protocol):
+    """A commit handed to an executor."""
+
+    def done(self) -> bool:
+        """True once the commit ended (durable, or failed); never blocks."""
+        ...
+
+    def result(self) -> CommitRecord:
+        """Wait for the commit; its durable record, or the exception it raised."""
+        ...
+
+
+class CommitExecutor(Protocol):
+    """Where a task's commits run. A task submits at most one commit at a time and waits
+    for it (``result()``) before it submits the next."""
+
+    def submit(self, job: CommitJob) -> PendingCommit:
+        ...
+
+    def close(self) -> None:
+        """Release the executor (after the task waited for its last commit)."""
+        ...
+
+
+class _Done:
+    """A commit that already ran."""
+
+    def __init__(self, job: CommitJob) -> None:
+        self._record: CommitRecord | None = None
+        self._error: BaseException | None = None
+        try:
+            self._record = job()
+        except BaseException as exc:  # handed to result(), on the task's thread
+            self._error = exc
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> CommitRecord:
+        if self._error is not None:
+            raise self._error
+        assert self._record is not None
+        return self._record
+
+
+class InlineCommitExecutor:
+    """Runs each commit at once on the calling thread: the synchronous commit path."""
+
+    def submit(self, job: CommitJob) -> PendingCommit:
+        return _Done(job)
+
+    def close(self) -> None:
+        return None
+
+
+class _Deferred:
+    def __init__(self, job: CommitJob) -> None:
+        self._job: CommitJob | None = job
+        self._ran: _Done | None = None
+
+    def run(self) -> None:
+        if self._job is not None:
+            job, self._job = self._job, None
+            self._ran = _Done(job)
+
+    def done(self) -> bool:
+        return self._ran is not None
+
+    def result(self) -> CommitRecord:
+        self.run()
+        assert self._ran is not None
+        return self._ran.result()
+
+
+class DeferredCommitExecutor:
+    """Keeps a submitted commit until ``run_pending()`` or until the task waits for it, then
+    runs it on the calling thread: deterministic overlap of a commit with the batches read
+    after its cut (the seeded simulator's executor)."""
+
+    def __init__(self) -> None:
+        self._pending: _Deferred | None = None
+
+    def submit(self, job: CommitJob) -> PendingCommit:
+        self._pending = _Deferred(job)
+        return self._pending
+
+    def run_pending(self) -> bool:
+        """Run the commit kept, if any (its failure is raised when the task waits for it)."""
+        pending, self._pending = self._pending, None
+        if pending is None or pending.done():
+            return False
+        pending.run()
+        return True
+
+    def close(self) -> None:
+        self._pending = None
+
+
+class ThreadCommitExecutor:
+    """Runs a task's commits on one background thread (created on first use), so their
+    fsyncs and the store's write lock overlap the next batches."""
+
+    def __init__(self, name: str = "resumeflow-commit") -> None:
+        self._name = name
+        self._thread: threading.Thread | None = None
+        self._jobs: list[tuple[CommitJob, Future[CommitRecord]]] = []
+        self._wake = threading.Condition()
+        self._closed = False
+
+    def submit(self, job: CommitJob) -> PendingCommit:
+        future: Future[CommitRecord] = Future()
+        with self._wake:
+            if self._closed:
+                raise InternalError("commit submitted to a closed executor")
+            self._jobs.append((job, future))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._wake.notify()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._jobs and not self._closed:
+                    self._wake.wait()
+                if not self._jobs:
+                    return
+                job, future = self._jobs.pop(0)
+            try:
+                record = job()
+            except BaseException as exc:  # handed to result(), on the task's thread
+                future.set_exception(exc)
+            else:
+                future.set_result(record)
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,7 +253,8 @@ class TaskRunner:
                  config: RunConfig, dead_letters: Sink, marks: ProgressMarks | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
-                 rng: random.Random | None = None, store_path: Any = None) -> None:
+                 rng: random.Random | None = None, store_path: Any = None,
+                 executor: CommitExecutor | None = None) -> None:
         self.flow = flow
         self.source = flow.source_
         self.partition = partition
@@ -107,6 +278,22 @@ class TaskRunner:
         self.first_record_s: float | None = None
         self._opened_at = 0.0
         self._batch_size = min(256, config.batch_max_records)
+        if executor is None:
+            executor = (ThreadCommitExecutor(f"resumeflow-commit {self.task_id}")
+                        if config.pipelined_commit else InlineCommitExecutor())
+        self._executor = executor
+        self._pending: PendingCommit | None = None
+        self._inflight_events = 0
+        """Records of the commit in flight: read past the last durable checkpoint, too."""
+        self.commit_latency_s: deque[float] = deque(maxlen=_TIMINGS_KEPT)
+        """Per recent commit, from its cut until it was durable and finalized."""
+        self.commit_stall_s: deque[float] = deque(maxlen=_TIMINGS_KEPT)
+        """Per recent wait for a commit in flight, how long the task's thread waited."""
+
+    @property
+    def executor(self) -> CommitExecutor:
+        """Where this task's commits run."""
+        return self._executor
 
     # -- RECOVERING ------------------------------------------------------------------------
 
@@ -210,7 +397,11 @@ class TaskRunner:
 
     def step(self) -> int:
         """Read and process one batch; returns the number of records read."""
-        room = self.config.replay_max_events - self.window_events
+        if self._pending is not None and (
+                self._pending.done()
+                or self.window_events + self._inflight_events >= self.config.replay_max_events):
+            self._join()
+        room = self.config.replay_max_events - self.window_events - self._inflight_events
         invariant(room > 0, f"{self.task_id}: replay window full without a commit")
         batch = self.reader.read(int(min(self._batch_size, room)))
         if batch is None:
@@ -365,28 +556,88 @@ class TaskRunner:
             self._clock() - started >= self.config.replay_max_seconds
 
     def has_uncommitted(self) -> bool:
-        return self.window_started is not None
+        """Records read since the last cut, or a commit still in flight."""
+        return self.window_started is not None or self._pending is not None
 
     def commit(self) -> CommitRecord:
-        """Checkpoint everything read so far; returns the durable commit record."""
+        """Checkpoint everything read so far and wait until it is durable and finalized;
+        returns its commit record (the one in flight, when nothing was read since its cut)."""
+        joined = self._join() if self._pending is not None else None
+        if joined is not None and self.window_started is None:
+            return joined
+        self._cut()
+        record = self._join()
+        assert record is not None
+        return record
+
+    def commit_async(self) -> CommitRecord | None:
+        """Cut a checkpoint of everything read so far and hand its writes to the executor;
+        first waits for the commit in flight and returns its record (``None`` if there was
+        none). Its failure, and a failure of this one, is raised by a later ``step()``,
+        ``commit()`` or ``commit_async()``."""
+        joined = self._join() if self._pending is not None else None
+        if self.window_started is not None or joined is None:
+            self._cut()
+        return joined
+
+    def _cut(self) -> None:
+        """The synchronous part of a checkpoint: what it contains is fixed here."""
+        invariant(self._pending is None, f"{self.task_id}: cut with a commit in flight")
+        began = self._clock()
         seq = self.seq + 1
         crash_point("commit.before_precommit")
-        pre = self._precommit_sinks(seq)
-        crash_point("commit.after_precommit")
+        self.stats["records_out"] = (self.stats.get("records_out", 0)
+                                     + len(self.writers[OUT].buffer))
+        stages: list[tuple[str, Callable[[], Precommit]]] = []
+        for sink_id, writer in self.writers.items():
+            cut = getattr(writer, "cut", None)
+            if cut is not None:
+                stages.append((sink_id, cut(seq)))
+            else:
+                stages.append((sink_id, partial(_ready, writer.precommit(seq))))
         delta = self._take_delta()
-        record = self._make_record(seq, pre)
+        positions = dict(self.positions)
+        stats = dict(self.stats)
+        self._inflight_events = self.window_events
+        self.window_events = 0
+        self.window_started = None
+        self._cut_at = began
+        self._pending = self._executor.submit(
+            partial(self._write, seq, stages, delta, positions, stats))
+
+    def _write(self, seq: int, stages: list[tuple[str, Callable[[], Precommit]]],
+               delta: list[tuple[bytes, bytes | None]], positions: dict[str, Any],
+               stats: dict[str, int]) -> CommitRecord:
+        """The writes of checkpoint ``seq`` after its cut (on the executor)."""
+        pre = {sink_id: stage() for sink_id, stage in stages}
+        crash_point("commit.after_precommit")
+        record = make_record(
+            task=self.task_id, epoch=self.opened.epoch, seq=seq, positions=positions,
+            sink_txn={k: p.meta for k, p in pre.items() if p.meta is not None}, inflight=[],
+            created_at=self._wall(), stats=stats, prev_digest=self.digest)
         self._write_commit(record, delta, pre)
         crash_point("commit.after_store")
         self._finalize(seq)
         crash_point("commit.after_finalize")
-        for state in self.states.values():
-            state.evict()
+        self.commit_latency_s.append(self._clock() - self._cut_at)
         return record
 
-    def _precommit_sinks(self, seq: int) -> dict[str, Precommit]:
-        self.stats["records_out"] = (self.stats.get("records_out", 0)
-                                     + len(self.writers[OUT].buffer))
-        return {sink_id: writer.precommit(seq) for sink_id, writer in self.writers.items()}
+    def _join(self) -> CommitRecord | None:
+        """Wait for the commit in flight; raises its failure (the task is then done)."""
+        pending = self._pending
+        if pending is None:
+            return None
+        began = self._clock()
+        self._pending = None  # its failure is raised once, here
+        record = pending.result()
+        self._inflight_events = 0
+        self.seq = record.seq
+        self.digest = record.digest
+        for state in self.states.values():
+            state.settle()
+            state.evict()
+        self.commit_stall_s.append(self._clock() - began)
+        return record
 
     def _take_delta(self) -> list[tuple[bytes, bytes | None]]:
         delta: list[tuple[bytes, bytes | None]] = []
@@ -394,12 +645,6 @@ class TaskRunner:
             delta.extend(state.take_delta())
             self.stats[f"keys:{name}"] = state.keys
         return delta
-
-    def _make_record(self, seq: int, pre: dict[str, Precommit]) -> CommitRecord:
-        return make_record(
-            task=self.task_id, epoch=self.opened.epoch, seq=seq, positions=dict(self.positions),
-            sink_txn={k: p.meta for k, p in pre.items() if p.meta is not None}, inflight=[],
-            created_at=self._wall(), stats=dict(self.stats), prev_digest=self.digest)
 
     def _write_commit(self, record: CommitRecord, delta: list[tuple[bytes, bytes | None]],
                       pre: dict[str, Precommit]) -> None:
@@ -412,20 +657,32 @@ class TaskRunner:
             if done is not None:
                 release.append((sink_id, done))
         self.store.commit(self.opened, record, delta, staged, release, in_store)
-        self.seq = record.seq
-        self.digest = record.digest
-        self.window_events = 0
-        self.window_started = None
 
     def _finalize(self, seq: int) -> None:
         for writer in self.writers.values():
             writer.finalize(seq)
 
     def close(self) -> None:
-        """Release the source and sinks; uncommitted work is replayed by the next owner."""
+        """Wait for the commit in flight, then release the source and sinks; uncommitted
+        work is replayed by the next owner. A failure of that commit is raised after the
+        release (nothing is lost: its records are replayed)."""
+        failure: BaseException | None = None
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending.result()
+            except BaseException as exc:
+                failure = exc
+        self._executor.close()
         self.reader.close()
         for writer in self.writers.values():
             writer.close()
+        if failure is not None:
+            raise failure
+
+
+def _ready(pre: Precommit) -> Precommit:
+    return pre
 
 
 def _count_before(batch: Batch, limit: Any) -> int:

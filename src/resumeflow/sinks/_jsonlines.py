@@ -2,12 +2,15 @@
 
 Under exactly-once, each checkpoint's output is written and fsynced to a staging file of the
 task's current owner (``<file>.rf-staging-<epoch>``) before the commit point, and the commit
-record names it; after the commit point it is appended to the file and fsynced. The file's
-length tells whether an append happened: finalizing ``seq`` when the file already reaches its
-recorded end does nothing, a half-done append is cut back and redone. Staging files are per
-epoch, so a paused old owner cannot overwrite what the new owner's recovery reads. So a crash
-anywhere leaves each record in the file exactly once after recovery, and readers never see
-output of an uncommitted checkpoint.
+record names it; output of at most ``INLINE_STAGING_MAX`` bytes is staged in the store's
+commit transaction instead, saving that fsync. After the commit point it is appended to the
+file and fsynced (output staged in the store: fsynced once per ``SYNC_EVERY`` checkpoints,
+and released by the store only once fsynced). The file's length tells whether an append
+happened: finalizing ``seq`` when the file already reaches its recorded end does nothing, a
+half-done append is cut back and redone. Staging files are per epoch, so a paused old owner
+cannot overwrite what the new owner's recovery reads. So a crash anywhere leaves each record
+in the file exactly once after recovery, and readers never see output of an uncommitted
+checkpoint.
 Under at-least-once, output is appended before the commit point and a replay repeats it.
 """
 
@@ -37,6 +40,14 @@ log = logging.getLogger("resumeflow.sinks")
 
 _encoder = msgspec.json.Encoder()
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_CHUNK = 4096
+"""Items encoded at a time."""
+SYNC_EVERY = 8
+"""Checkpoints staged in the store whose appends share one fsync of the output file (their
+staged output stays in the store until then)."""
+INLINE_STAGING_MAX = 64 * 1024
+"""Exactly-once output of a checkpoint up to this many bytes is staged inside the store's
+commit transaction; larger output goes to the staging file (fsynced before the commit)."""
 
 
 class JsonLinesSink:
@@ -46,11 +57,16 @@ class JsonLinesSink:
         path: output file. With a multi-partition source, include ``{partition}`` in it:
             each task owns one file.
         with_key: for keyed streams, write ``{"key": k, "value": v}`` (default) or only ``v``.
+        stage_in_store_max: exactly-once output of a checkpoint up to this many bytes is
+            staged in the store's commit transaction instead of a staging file (0: always
+            a staging file).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, with_key: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, with_key: bool = True,
+                 stage_in_store_max: int = INLINE_STAGING_MAX) -> None:
         self.path = str(path)
         self.with_key = with_key
+        self.stage_in_store_max = stage_in_store_max
         self.name = f"jsonl:{self.path}"
 
     def open(self, ctx: SinkContext) -> _JsonLinesWriter:
@@ -65,14 +81,17 @@ class JsonLinesSink:
             path = Path(self.path)
         if not path.parent.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-        return _JsonLinesWriter(path, ctx, with_key=self.with_key)
+        return _JsonLinesWriter(path, ctx, with_key=self.with_key,
+                                inline_max=self.stage_in_store_max)
 
     def __repr__(self) -> str:
         return f"JsonLinesSink({self.path!r})"
 
 
 class _JsonLinesWriter:
-    def __init__(self, path: Path, ctx: SinkContext, *, with_key: bool) -> None:
+    def __init__(self, path: Path, ctx: SinkContext, *, with_key: bool,
+                 inline_max: int = INLINE_STAGING_MAX) -> None:
+        self._inline_max = inline_max
         self.path = path
         self.ctx = ctx
         self.buffer: list[Any] = []
@@ -82,6 +101,11 @@ class _JsonLinesWriter:
         self._length = 0
         self._pending: dict[int, tuple[dict[str, Any], bytes]] = {}
         self._finalized: int | None = None
+        """Newest checkpoint whose output is appended to the file."""
+        self._synced: int | None = None
+        """Newest checkpoint whose output is durable in the file (fsynced)."""
+        self._unsynced = 0
+        """Checkpoints appended since the last fsync."""
         self._staging_path = path.with_name(f"{path.name}.rf-staging-{ctx.epoch}")
         self._staging: Any = None
         try:
@@ -166,14 +190,21 @@ class _JsonLinesWriter:
 
     # -- the checkpoint --------------------------------------------------------------------
 
-    def _encode(self) -> bytes:
-        items = self.buffer
-        if self._wrap:
-            items = [{"key": k, "value": v} for k, v in items]
-        elif self._unwrap:
-            items = [v for _, v in items]
+    def _encode(self, items: list[Any]) -> bytes:
+        """The JSON lines of ``items``, built a chunk at a time (keyed items become a dict
+        each only for the length of one chunk)."""
+        wrap, unwrap, encode_lines = self._wrap, self._unwrap, _encoder.encode_lines
         try:
-            return _encoder.encode_lines(items)
+            if not (wrap or unwrap):
+                return encode_lines(items)
+            out = bytearray()
+            for start in range(0, len(items), _CHUNK):
+                chunk = items[start:start + _CHUNK]
+                if wrap:
+                    out += encode_lines([{"key": k, "value": v} for k, v in chunk])
+                else:
+                    out += encode_lines([v for _, v in chunk])
+            return bytes(out)
         except TypeError as exc:
             raise DataError(
                 f"output for {str(self.path)!r} is not JSON-serializable ({exc}); emit dicts, "
@@ -181,8 +212,18 @@ class _JsonLinesWriter:
             ) from exc
 
     def precommit(self, seq: int) -> Precommit:
-        payload = self._encode() if self.buffer else b""
+        return self.cut(seq)()
+
+    def cut(self, seq: int) -> Callable[[], Precommit]:
+        """Detach the buffer now (the checkpoint's cut); encode and stage it when the
+        returned function runs, on the commit's executor, while new items fill the buffer."""
+        items = self.buffer.copy()
         self.buffer.clear()
+        return functools.partial(self._precommit, seq, items)
+
+    def _precommit(self, seq: int, items: list[Any]) -> Precommit:
+        payload = self._encode(items) if items else b""
+        del items[:]
         if not self._exactly_once:
             return Precommit(meta=self._append_now(payload))
         base = self._length
@@ -190,8 +231,13 @@ class _JsonLinesWriter:
         self._length = base + len(payload)
         if not payload:
             return Precommit(meta=meta)
-        self._stage(payload, meta)
         self._pending[seq] = (meta, payload)
+        if len(payload) <= self._inline_max:
+            # Small output rides in the store's commit transaction: its fsync covers it, so
+            # no staging file and no fsync of its own.
+            return Precommit(meta=meta, staged=StagedEntry(sink=self.ctx.sink_id, seq=seq,
+                                                           meta=meta, payload=payload))
+        self._stage(payload, meta)
         return Precommit(meta=meta, staged=StagedEntry(sink=self.ctx.sink_id, seq=seq,
                                                        meta=meta, payload=b""))
 
@@ -225,10 +271,17 @@ class _JsonLinesWriter:
         if pending is None:
             return
         meta, payload = pending
+        inline = "staging" not in meta
         with self._locked():
             self._append(seq, meta, lambda: payload)
-            self._sync()
-        self._finalized = seq
+            self._finalized = seq
+            self._unsynced += 1
+            # Output staged in the store stays there until the file is fsynced (the store
+            # releases it only up to ``releasable()``), so its fsync can wait and serve
+            # several checkpoints; a staging file is reused by the next checkpoint, so its
+            # output is made durable now.
+            if not inline or self._unsynced >= SYNC_EVERY:
+                self._sync()
 
     def _append(self, seq: int, meta: dict[str, Any], payload: Callable[[], bytes]) -> None:
         """Make the file end at checkpoint ``seq``'s end; a no-op if it already reaches it."""
@@ -255,16 +308,21 @@ class _JsonLinesWriter:
         self._file.flush()
 
     def releasable(self) -> int | None:
-        return self._finalized
+        return self._synced
 
     def _sync(self) -> None:
+        """Make every append so far durable."""
         os.fsync(self._file.fileno())
+        self._synced = self._finalized
+        self._unsynced = 0
 
     def _size(self) -> int:
         return os.fstat(self._file.fileno()).st_size
 
     def close(self) -> None:
         if not self._file.closed:
+            if self._unsynced:
+                self._sync()
             self._file.close()
         if self._staging is not None and not self._staging.closed:
             self._staging.close()

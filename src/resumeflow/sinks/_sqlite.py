@@ -88,7 +88,8 @@ class _SQLiteTableWriter:
         self._finalized: int | None = None
         self._db: sqlite3.Connection | None = None
         if not same_db:
-            self._db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+            self._db = sqlite3.connect(path, isolation_level=None, timeout=30.0,
+                                       check_same_thread=False)  # finalize: commit thread
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute(

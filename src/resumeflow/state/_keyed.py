@@ -3,7 +3,9 @@
 Guarantees: a key's value is read from the store at most once while it stays hot; a
 checkpoint writes only the keys changed since the previous one (``take_delta``); clean keys
 are evicted when the hot set grows past ``max_hot_keys``, dirty keys never are. Opening the
-state reads nothing.
+state reads nothing. Between ``take_delta`` and ``settle`` (while that checkpoint is being
+written) the store may not show the delta yet: keys it deletes read as absent without
+asking the store, and nothing is evicted.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class KeyedState:
         keys_committed: number of keys with a value at the last checkpoint.
     """
 
-    __slots__ = ("_cold", "_load", "_prefix", "dirty", "keys", "loads", "max_hot_keys", "values")
+    __slots__ = ("_cold", "_load", "_prefix", "_unsettled", "dirty", "keys", "loads",
+                 "max_hot_keys", "values")
 
     def __init__(self, load: Callable[[bytes], bytes | None], *, max_hot_keys: float,
                  keys_committed: int = 0, namespace: str = "",
@@ -59,13 +62,15 @@ class KeyedState:
         empty at open and nothing has been evicted (building state then reads nothing)."""
         self.loads = 0
         """Cold reads from the store since the state opened."""
+        self._unsettled: set[Any] = set()
+        """Keys deleted by a delta taken but not yet settled (durable in the store)."""
 
     def load(self, key: Any) -> Any:
         """Committed value of a key that is not hot, or ``MISSING``; caches it.
 
         A key that is dirty but not hot was deleted since the last checkpoint.
         """
-        if not self._cold or key in self.dirty:
+        if not self._cold or key in self.dirty or key in self._unsettled:
             return MISSING
         self.loads += 1
         try:
@@ -110,17 +115,27 @@ class KeyedState:
 
     def take_delta(self) -> list[tuple[bytes, bytes | None]]:
         """Encode and clear the dirty keys; deleted keys become tombstones (``None``)."""
-        values = self.values
         prefix = self._prefix
         enc = _encode
         dirty = list(self.dirty)
         self.dirty.clear()
+        get = self.values.get
+        olds = [get(k, MISSING) for k in dirty]
         keys = [prefix + enc(k) for k in dirty] if prefix else [enc(k) for k in dirty]
-        olds = [values.get(k, MISSING) for k in dirty]
+        if MISSING not in olds:  # no deletion: encode every value in one pass
+            return list(zip(keys, map(enc, olds), strict=True))
+        if self._cold:
+            self._unsettled.update(k for k, v in zip(dirty, olds, strict=True) if v is MISSING)
         return [(kb, None if v is MISSING else enc(v)) for kb, v in zip(keys, olds, strict=True)]
 
+    def settle(self) -> None:
+        """The last delta taken is durable in the store: cold reads may see it from now."""
+        self._unsettled.clear()
+
     def evict(self) -> int:
-        """Drop the oldest clean keys past ``max_hot_keys``; returns how many were dropped."""
+        """Drop the oldest clean keys past ``max_hot_keys``; returns how many were dropped.
+        Only call it when every delta taken is settled: an evicted key is read back from the
+        store."""
         excess = len(self.values) - self.max_hot_keys
         if excess <= 0:
             return 0

@@ -26,6 +26,7 @@ from ..checkpoint import Store
 from ..errors import FencedError, UnavailableError
 from ..flow import Flow
 from ..runtime import RunConfig, TaskRunner
+from ..runtime._task import DeferredCommitExecutor
 from ..sinks import SinkContext, SinkWriter
 from ._check import Outcome, outcome
 from ._clock import FakeClock
@@ -59,6 +60,12 @@ class FaultySink(Protocol):
     fail_finalizes: int
 
     def open(self, ctx: SinkContext) -> SinkWriter: ...
+
+PIPELINED_COMMIT_RATE = 0.5
+"""Share of commits a schedule makes pipelined (``commit_async``): the cut now, the writes
+later, while the runner reads on."""
+PIPELINED_RUN_RATE = 0.15
+"""Chance, at each step of a runner, that its pipelined commit in flight runs before it."""
 
 _TAKEOVER_POINTS = frozenset({
     "batch.mid", "commit.before_precommit", "commit.after_precommit", "commit.after_store",
@@ -133,6 +140,7 @@ class Schedule:
         self._in_open = False
         self._record: tuple[str, int] | None = None
         self._injected: set[tuple[str, int]] = set()
+        self._executors: dict[TaskRunner, DeferredCommitExecutor] = {}
 
     # -- backends (the SQLite schedule overrides these) ----------------------------------------
 
@@ -151,7 +159,8 @@ class Schedule:
             flow=self.flow, partition=partition, partitions=len(self.partitions),
             store=self.observed, config=self.config, dead_letters=self.dead,
             clock=self.clock.monotonic, wall=self.clock.time, sleep=self.clock.sleep,
-            rng=random.Random(self.plan.seed), store_path=None)
+            rng=random.Random(self.plan.seed), store_path=None,
+            executor=DeferredCommitExecutor())
 
     def _fault_stores(self, runner: TaskRunner | None) -> list[FaultyStore]:
         """The stores a fault drawn for ``runner``'s commit applies to (``None``: all)."""
@@ -283,6 +292,9 @@ class Schedule:
 
     def _open(self, partition: str) -> TaskRunner | None:
         runner = self._new_runner(partition)
+        if isinstance(runner.executor, DeferredCommitExecutor):
+            # Pipelined commits run at seeded later steps of the runner (``_drive``).
+            self._executors[runner] = runner.executor
         previous, was_in_open = self._current, self._in_open
         self._current, self._in_open = runner, True
         if self.faulting and self.faults_left > 0 and \
@@ -331,20 +343,38 @@ class Schedule:
         self._event(f"error in {runner.task_id} during {what}: {type(exc).__name__}: {exc}")
 
     def _drive(self, runner: TaskRunner) -> None:
-        """One step of ``runner``, and a commit when it is due."""
+        """One step of ``runner``, and a commit when it is due: synchronous, or pipelined
+        (its writes run at a seeded later step, or when the runner waits for it)."""
         self._current = runner
+        executor = self._executors.get(runner)
+        if executor is not None and self.rng.random() < PIPELINED_RUN_RATE:
+            self._arm_commit(runner)
+            try:
+                if executor.run_pending():  # a failure is raised by the runner's next wait
+                    self._event(f"pipelined commit of {runner.task_id} ran")
+            finally:
+                self._disarm()
+        seq = runner.seq
         n = runner.step()
+        if runner.seq != seq:  # the step waited for the pipelined commit in flight
+            self.counts["commits"] += 1
+            self._event(f"commit {runner.task_id} seq {runner.seq} durable")
         self.clock.advance(n * self.plan.record_cost_s + 1e-4)
         if not runner.has_uncommitted():
             return
         if not (runner.commit_due() or runner.at_end
                 or self.rng.random() < self.plan.early_commit_rate * self.faulting):
             return
+        pipelined = executor is not None and self.rng.random() < PIPELINED_COMMIT_RATE
         self._arm_commit(runner)
         try:
-            record = runner.commit()
+            record = runner.commit_async() if pipelined else runner.commit()
         finally:
             self._disarm()
+        if pipelined:
+            self._event(f"cut {runner.task_id} at positions {runner.positions}")
+        if record is None:
+            return
         self.counts["commits"] += 1
         self._event(f"commit {runner.task_id} epoch {record.epoch} seq {record.seq} "
                     f"positions {record.positions}")

@@ -14,8 +14,9 @@ replayed output (see ``entries``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from .._codec import decode, encode
@@ -159,14 +160,23 @@ class _MemorySinkWriter:
         self.sink._drop_after(self.ctx.task, int(meta["seq"]) if meta else 0)
 
     def precommit(self, seq: int) -> Precommit:
+        return self.cut(seq)()
+
+    def cut(self, seq: int) -> Callable[[], Precommit]:
+        """Detach the buffer now; stage it when the returned function runs (the commit's
+        executor), so items emitted meanwhile belong to the next checkpoint."""
+        items = self.buffer.copy()
+        self.buffer.clear()
+        return partial(self._stage, seq, items)
+
+    def _stage(self, seq: int, items: list[Any]) -> Precommit:
         self.sink._fail("precommit")
         try:
-            payload = encode(self.buffer)
+            payload = encode(items)
         except TypeError as exc:
             raise DataError(f"output for {self.sink.name!r} is not JSON-serializable ({exc}); "
                             "emit dicts, lists, strings and numbers") from exc
-        count = len(self.buffer)
-        self.buffer.clear()
+        count = len(items)
         meta = {"seq": seq, "writer": self.writer, "count": count}
         if not self._exactly_once:
             self.sink._log[self.ctx.task].append(

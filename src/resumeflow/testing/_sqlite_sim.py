@@ -55,6 +55,7 @@ from ..checkpoint._sqlite_state import compact
 from ..checkpoint._store import InStoreWrite
 from ..errors import ConfigurationError, UnavailableError
 from ..runtime import TaskRunner
+from ..runtime._task import DeferredCommitExecutor
 from ..sinks import JsonLinesSink, Precommit, Sink, SinkContext, SinkWriter, SQLiteTable
 from ._check import Outcome
 from ._clock import FakeClock
@@ -241,6 +242,18 @@ class _FlakyWriter:
         self.sink.fail("precommit")
         return self.inner.precommit(seq)
 
+    def cut(self, seq: int) -> Callable[[], Precommit]:
+        cut = getattr(self.inner, "cut", None)
+        if cut is None:
+            pre = self.precommit(seq)
+            return lambda: pre
+        stage = cut(seq)
+
+        def precommit() -> Precommit:
+            self.sink.fail("precommit")
+            return cast(Precommit, stage())
+        return precommit
+
     def finalize(self, seq: int) -> None:
         self.sink.fail("finalize")
         self.inner.finalize(seq)
@@ -301,7 +314,10 @@ class SQLiteSchedule(Schedule):
     def _make_sinks(self, sink_type: type[MemorySink]) -> tuple[FaultySink, FaultySink]:
         out: Sink
         if self.backend.sink == "jsonl":
-            out = JsonLinesSink(self.directory / "out" / "{partition}.jsonl")
+            # Odd seeds stage every checkpoint's output in a staging file, even ones in the
+            # store's transaction (when small, the default).
+            out = JsonLinesSink(self.directory / "out" / "{partition}.jsonl",
+                                stage_in_store_max=0 if self.plan.seed % 2 else 64 * 1024)
         elif self.backend.sink == "table":
             out = _TablePerTask(self.database)
         else:
@@ -323,7 +339,8 @@ class SQLiteSchedule(Schedule):
             flow=self.flow, partition=partition, partitions=len(self.partitions),
             store=self.observed.over(store), config=self.config, dead_letters=self.dead,
             clock=self.clock.monotonic, wall=self.clock.time, sleep=self.clock.sleep,
-            rng=random.Random(self.plan.seed), store_path=store.database_path)
+            rng=random.Random(self.plan.seed), store_path=store.database_path,
+            executor=DeferredCommitExecutor())
         self._stores[runner] = store
         return runner
 

@@ -1,0 +1,175 @@
+"""Pipelined commit: the cut on the task's thread, the writes on an executor, every invariant
+kept (replay bound, content of the checkpoint, errors, drain on close)."""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+import time
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import pytest
+
+import resumeflow as rf
+from resumeflow.checkpoint import CommitRecord, OpenedTask, StagedEntry, decode_record
+from resumeflow.checkpoint._store import InStoreWrite
+from resumeflow.errors import UnavailableError
+from resumeflow.runtime import TaskRunner
+from resumeflow.runtime._task import (
+    CommitExecutor,
+    DeferredCommitExecutor,
+    ThreadCommitExecutor,
+)
+from resumeflow.state import KeyedState
+
+
+class FailingStore(rf.SQLiteStore):
+    """A SQLite store whose commits raise ``failure`` (after ``delay_s``) while it is set."""
+
+    failure: BaseException | None = None
+    delay_s = 0.0
+
+    def commit(self, opened: OpenedTask, record: CommitRecord,
+               delta: Sequence[tuple[bytes, bytes | None]], staged: Sequence[StagedEntry],
+               release: Sequence[tuple[str, int]], in_store: Sequence[InStoreWrite] = ()) -> None:
+        time.sleep(self.delay_s)
+        if self.failure is not None:
+            raise self.failure
+        super().commit(opened, record, delta, staged, release, in_store)
+
+
+def runner(work: Any, events: Any, store: rf.SQLiteStore, executor: CommitExecutor,
+           **config: Any) -> TaskRunner:
+    task = TaskRunner(flow=work.flow(events), partition="0", partitions=1, store=store,
+                      config=rf.RunConfig(keep_checkpoints=100, replay_max_seconds=3600,
+                                          **config),
+                      dead_letters=rf.sinks.JsonLinesSink(work.root / "dead.jsonl"),
+                      executor=executor)
+    task.open()
+    return task
+
+
+def durable_position(store: rf.SQLiteStore, events: Any) -> int:
+    """Records before the newest durable checkpoint's position."""
+    (status,) = store.tasks()
+    if status.record is None:
+        return 0
+    return bisect.bisect_left(events.offsets, status.record.positions["0"])
+
+
+def test_an_in_flight_commit_counts_in_the_replay_bound(work: Any) -> None:
+    """While a commit is in flight, records read past the last durable checkpoint never
+    exceed ``replay_max_events``: the task waits for the commit when the room is used up."""
+    events = work.events(1000)
+    store = rf.SQLiteStore(work.store)
+    executor = DeferredCommitExecutor()
+    task = runner(work, events, store, executor, replay_max_events=100, batch_max_records=30)
+    read = 0
+    overlapped = 0
+    while not task.at_end:
+        pending_before = task.has_uncommitted() and task.window_events == 0
+        read += task.step()
+        if pending_before and task.window_events:
+            overlapped += 1
+        assert read - durable_position(store, events) <= 100
+        if task.window_events >= 60 or task.commit_due():
+            task.commit_async()
+    task.commit()
+    assert overlapped > 0, "no batch ran while a commit was in flight"
+    assert durable_position(store, events) == 1000
+    task.close()
+    store.close()
+    assert work.output("jsonl") == events.running_totals()
+
+
+def test_state_changed_after_the_cut_is_not_in_its_checkpoint(work: Any) -> None:
+    """Values updated by batches read after a cut stay out of that checkpoint: the store
+    holds, for every key, the value it had at the cut."""
+    events = work.events(600, customers=5)
+    store = rf.SQLiteStore(work.store)
+    executor = DeferredCommitExecutor()
+    task = runner(work, events, store, executor, batch_max_records=50)
+    for _ in range(4):
+        task.step()
+    ((name, state),) = task.states.items()
+    at_cut = dict(state.values)
+    task.commit_async()
+    for _ in range(4):
+        task.step()
+    assert dict(state.values) != at_cut
+    assert executor.run_pending()
+    reread = KeyedState(partial(store.load_state, task.opened.task_no), namespace=name,
+                        max_hot_keys=math.inf)
+    assert {key: reread.get(key) for key in at_cut} == at_cut
+    task.commit()
+    task.close()
+    store.close()
+
+
+def test_a_failed_background_commit_is_raised_on_the_task_thread(work: Any) -> None:
+    """An UnavailableError raised by the store on the commit thread is raised, the same
+    object, by the task's next step; nothing of that checkpoint lands and a new owner
+    finishes with the exact output."""
+    events = work.events(800)
+    store = FailingStore(work.store)
+    failure = UnavailableError("injected: store unavailable")
+    store.failure = failure
+    task = runner(work, events, store, ThreadCommitExecutor(), batch_max_records=100)
+    task.step()
+    task.commit_async()
+    with pytest.raises(UnavailableError) as info:
+        for _ in range(1000):
+            task.step()
+            time.sleep(0.001)
+    assert info.value is failure
+    task.close()
+    assert store.tasks()[0].record is None
+    store.failure = None
+    again = runner(work, events, store, ThreadCommitExecutor())
+    while not again.at_end:
+        again.step()
+        if again.commit_due():
+            again.commit_async()
+    again.commit()
+    again.close()
+    store.close()
+    assert work.output("jsonl") == events.running_totals()
+
+
+def test_close_waits_for_the_commit_in_flight(work: Any) -> None:
+    """``close()`` returns only after the commit in flight is durable and finalized."""
+    events = work.events(300)
+    store = FailingStore(work.store)
+    store.delay_s = 0.2
+    task = runner(work, events, store, ThreadCommitExecutor())
+    while not task.at_end:
+        task.step()
+    task.commit_async()
+    task.close()
+    assert durable_position(store, events) == 300
+    store.close()
+    assert work.output("jsonl") == events.running_totals()
+
+
+def test_commits_run_on_the_executor_thread(work: Any) -> None:
+    """With the default configuration a task's store commits run off the task's thread."""
+    events = work.events(200)
+    store = FailingStore(work.store)
+    threads: list[threading.Thread] = []
+    original = store.commit
+
+    def commit(*args: Any, **kwargs: Any) -> None:
+        threads.append(threading.current_thread())
+        original(*args, **kwargs)
+
+    store.commit = commit  # type: ignore[method-assign]
+    summary = rf.Runtime(work.flow(events), store).run()
+    assert summary.commits >= 1 and threads
+    assert all(t is not threading.main_thread() for t in threads)
+    records = [decode_record(raw) for _, raw in store.records(store.tasks()[0].task)]
+    assert [r.seq for r in records] == list(range(1, len(records) + 1))
+    store.close()
+    assert work.output("jsonl") == events.running_totals()
