@@ -28,8 +28,9 @@ PUBLIC = {
         "UnavailableError", "UsageError", "invariant",
     ],
     "resumeflow.runtime": [
-        "CRASH_POINTS", "Progress", "Recovery", "RunConfig", "RunSummary", "Runtime",
-        "TaskRunner", "crash_point", "run",
+        "CRASH_POINTS", "HandsOver", "Membership", "Progress", "Recovery", "ReleaseHandler",
+        "RunConfig", "RunSummary", "Runtime", "StaticMembership", "TaskRunner", "crash_point",
+        "run",
     ],
 }
 

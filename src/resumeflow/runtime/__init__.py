@@ -1,17 +1,22 @@
-"""The runtime: tasks, the commit protocol, recovery and crash points."""
+"""The runtime: tasks, the commit protocol, recovery, crash points and membership."""
 
 from .._faults import CRASH_POINTS, crash_point
 from ._config import RunConfig
+from ._membership import HandsOver, Membership, ReleaseHandler, StaticMembership
 from ._runtime import Progress, RunSummary, Runtime, run
 from ._task import Recovery, TaskRunner
 
 __all__ = [
     "CRASH_POINTS",
+    "HandsOver",
+    "Membership",
     "Progress",
     "Recovery",
     "RunConfig",
+    "ReleaseHandler",
     "RunSummary",
     "Runtime",
+    "StaticMembership",
     "TaskRunner",
     "crash_point",
     "run",
