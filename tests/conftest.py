@@ -272,3 +272,45 @@ def store(tmp_path: Path) -> Iterator[rf.SQLiteStore]:
     s = rf.SQLiteStore(tmp_path / "unit.db", keep_checkpoints=3)
     yield s
     s.close()
+
+
+# ---- Kafka broker: BEGIN (real single-node KRaft broker, see resumeflow.testing._kafka_broker) --
+
+
+def _service_unavailable(what: str, exc: BaseException) -> None:
+    """A real service the test needs cannot run: a failure under CI=true, else a skip."""
+    message = f"{what} cannot start: {exc}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real Kafka broker on 127.0.0.1, one per test session, with a fresh data directory.
+
+    Tests may ``stop()``/``start()`` it (same ports and data); it is running again when the
+    fixture hands it to the next test. Yields a ``KafkaBroker``; ``.bootstrap`` is its address.
+    """
+    try:
+        import confluent_kafka  # noqa: F401 - the tests' client
+
+        from resumeflow.testing._kafka_broker import KafkaBroker
+        broker = KafkaBroker(data_dir=tmp_path_factory.mktemp("kafka"))
+        broker.start()
+    except Exception as exc:  # ImportError, BrokerStartError, OSError
+        _service_unavailable("the Kafka broker", exc)
+    try:
+        yield broker
+    finally:
+        broker.close()
+
+
+@pytest.fixture
+def kafka(kafka_broker: Any) -> Any:
+    """The session's Kafka broker, started again if an earlier test left it stopped."""
+    kafka_broker.start()
+    return kafka_broker
+
+
+# ---- Kafka broker: END ---------------------------------------------------------------------
