@@ -314,3 +314,45 @@ def kafka(kafka_broker: Any) -> Any:
 
 
 # ---- Kafka broker: END ---------------------------------------------------------------------
+
+
+# -- PostgreSQL (issue 5): a private server for the session, a fresh database per test -------
+# Started by resumeflow.testing._pg_server from Debian's binaries on 127.0.0.1 and a free port.
+# When it cannot start: a failure under CI=true, else a skip that says why.
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """A PostgreSQL server for the whole session (stopped and removed at its end)."""
+    try:
+        import psycopg  # noqa: F401  (the postgres extra)
+
+        from resumeflow.testing._pg_server import PostgresServer, PostgresUnavailable
+    except ImportError as exc:
+        _postgres_missing(f"the postgres extra is not installed ({exc}); "
+                          "pip install -e '.[dev,postgres]'")
+    try:
+        server = PostgresServer()
+    except (PostgresUnavailable, OSError, subprocess.SubprocessError) as exc:
+        _postgres_missing(f"PostgreSQL cannot start here: {exc}")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _postgres_missing(reason: str) -> Any:
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+_pg_databases = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: Any) -> str:
+    """The DSN of a fresh, empty database on the session's PostgreSQL server."""
+    if not postgres_server.running:
+        postgres_server.start()  # a test that stopped it must not break the next one
+    return str(postgres_server.create_database(f"t{next(_pg_databases)}"))
