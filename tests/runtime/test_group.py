@@ -11,6 +11,7 @@ failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -204,10 +205,8 @@ class Cluster:
 
 
 def with_suppressed(action: Callable[[], Any]) -> None:
-    try:
+    with contextlib.suppress(OSError):
         action()
-    except OSError:
-        pass
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ raises ``BadRecordError`` naming topic, partition and offset (the runtime dead-l
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -179,6 +180,7 @@ class KafkaSource:
         self._readers: dict[int, _KafkaReader] = {}
         self._group: KafkaGroup | None = None
         self._commit_failures = 0
+        self._transient_logged: dict[int, tuple[float, int]] = {}
 
     def __repr__(self) -> str:
         return f"KafkaSource({self.topic!r}, group_id={self.group_id!r})"
@@ -253,7 +255,18 @@ class KafkaSource:
             log.error("%r: fatal client error: %s", self, self.redact(err.str()))
             return
         self.retries += 1
-        log.warning("%r: %s (the client retries by itself)", self, self.redact(err.str()))
+        self._log_transient(err.code(), f"{self.redact(err.str())} (the client retries by itself)")
+
+    def _log_transient(self, code: int, message: str) -> None:
+        """Log a transient error: the first of its kind, then at most once per 10 s."""
+        now = time.monotonic()
+        last, count = self._transient_logged.get(code, (-math.inf, 0))
+        if now - last < 10.0:
+            self._transient_logged[code] = (last, count + 1)
+            return
+        self._transient_logged[code] = (now, 0)
+        more = f" ({count} more like it in the last 10 s)" if count else ""
+        log.warning("%r: %s%s; %d transient errors so far", self, message, more, self.retries)
 
     def _on_commit(self, err: KafkaError | None, offsets: list[TopicPartition]) -> None:
         if err is None:
@@ -287,11 +300,21 @@ class KafkaSource:
             raise ConfigurationError(f"{self!r}: partition {partition!r} is not a partition "
                                      "number") from None
         if number in self._readers:
-            self._readers[number].close()
+            # A second reader of an open partition (the runtime counting a replay ahead of
+            # the task's reader) reads through a consumer of its own, outside the group.
+            return self._standalone().open(partition, position, follow=follow)
         reader = _KafkaReader(self, number, None if position is None else int(position),
                               follow=follow)
         self._readers[number] = reader
         return reader
+
+    def _standalone(self) -> KafkaSource:
+        return KafkaSource(self.topic, bootstrap=self.bootstrap, group_id=self.group_id,
+                           config=self._config, name=self.name, decode=self._decode,
+                           max_buffered_records=self.max_buffered_records,
+                           timeout_s=self.timeout_s, retry_budget=self.retry_budget,
+                           retry_backoff_base_s=self.retry_backoff_base_s,
+                           retry_backoff_max_s=self.retry_backoff_max_s, rng=self._rng)
 
     def decode(self, raw: KafkaRecord) -> Any:
         try:
@@ -347,8 +370,8 @@ class KafkaSource:
             raise UnavailableError(f"{self!r}: fetching partition {m.partition()} failed: "
                                    f"{self.redact(err.str())}")
         self.retries += 1
-        log.warning("%r: fetching partition %s: %s (retrying)", self, m.partition(),
-                    self.redact(err.str()))
+        self._log_transient(err.code(), f"fetching partition {m.partition()}: "
+                                        f"{self.redact(err.str())} (retrying)")
 
     def assign(self, number: int, offset: int) -> None:
         from confluent_kafka import TopicPartition
