@@ -13,7 +13,10 @@ PUBLIC = {
         "Flow", "ResumeflowError", "RunConfig", "RunSummary", "Runtime", "SQLiteStore",
         "__version__", "checkpoint", "errors", "run", "sinks", "sources",
     ],
-    "resumeflow.sources": ["Batch", "JsonLines", "JsonLinesDir", "Source", "SourceReader"],
+    "resumeflow.sources": [
+        "Batch", "JsonLines", "JsonLinesDir", "KafkaRecord", "KafkaSource", "Source",
+        "SourceReader",
+    ],
     "resumeflow.sinks": [
         "Guarantee", "JsonLinesSink", "Precommit", "SQLiteTable", "Sink", "SinkContext",
         "SinkWriter", "Stdout",
