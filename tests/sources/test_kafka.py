@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -217,3 +219,12 @@ def test_second_reader_of_an_open_partition_leaves_the_first_reading(kafka: Any)
     probe.close()
     assert read_all(first) == list(range(10, 50))
     first.close()
+
+
+def test_importing_resumeflow_does_not_import_the_kafka_client() -> None:
+    """``import resumeflow`` and naming ``KafkaSource`` work without loading confluent-kafka
+    (the core install stays light; the client is imported when a source first connects)."""
+    code = ("import sys, resumeflow as rf; rf.sources.KafkaSource; "
+            "rf.sources.KafkaSource('t', bootstrap='127.0.0.1:1', group_id='g'); "
+            "assert 'confluent_kafka' not in sys.modules, 'imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
