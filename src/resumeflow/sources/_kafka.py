@@ -33,7 +33,6 @@ import logging
 import math
 import random
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -318,9 +317,14 @@ class KafkaSource:
 
     def decode(self, raw: KafkaRecord) -> Any:
         try:
+            if self._decode is _json_value:
+                return _decoder.decode(raw.message.value())  # type: ignore[arg-type]
             return self._decode(raw)
         except Exception as exc:
-            raise BadRecordError(f"cannot decode record: {type(exc).__name__}: {exc}",
+            why = f"{type(exc).__name__}: {exc}"
+            if raw.message.value() is None and self._decode is _json_value:
+                why = "it has no value (a tombstone); pass decode= to handle tombstones"
+            raise BadRecordError(f"cannot decode record: {why}",
                                  source=f"{self.name} (topic {self.topic})",
                                  partition=str(raw.message.partition()),
                                  position=raw.message.offset()) from exc
@@ -349,7 +353,7 @@ class KafkaSource:
             if reader is not None:
                 reader.buffer.append(m)
         for reader in list(readers.values()):
-            if len(reader.buffer) >= self.max_buffered_records and not reader.paused:
+            if reader.buffered >= self.max_buffered_records and not reader.paused:
                 reader.pause(True)
 
     def _fetch_error(self, m: Message, err: KafkaError) -> None:
@@ -411,7 +415,9 @@ class _KafkaReader:
         self.source = source
         self.number = number
         self.position = 0 if position is None else position
-        self.buffer: deque[Message] = deque()
+        self.buffer: list[Message] = []
+        """Fetched messages; those before ``_head`` are already read."""
+        self._head = 0
         self.paused = False
         self._follow = follow
         self._at_end = False
@@ -431,25 +437,37 @@ class _KafkaReader:
         if self._at_end:
             return None
         source = self.source
-        if not self.buffer and source._group is None:
-            source.pump(0.05 if not any(r.buffer for r in source._readers.values()) else 0)
-        buffer = self.buffer
-        if not buffer:
+        if not self.buffered and source._group is None:
+            source.pump(0.05 if not any(r.buffered for r in source._readers.values()) else 0)
+        head, buffer = self._head, self.buffer
+        if head >= len(buffer):
             self._at_end = self._eof
             return None
-        start = self.position
-        items: list[KafkaRecord] = []
-        while buffer and len(items) < max_records:
-            m = buffer.popleft()
-            if (m.offset() or 0) >= start:  # a fetch from before a re-assign: already had
-                items.append(KafkaRecord(m))
-        if self.paused and len(buffer) < source.max_buffered_records // 2:
+        chunk = buffer[head:head + max_records]
+        head += len(chunk)
+        if head > 4096 and head * 2 > len(buffer):
+            del buffer[:head]
+            head = 0
+        self._head = head
+        if self.paused and self.buffered < source.max_buffered_records // 2:
             self.pause(False)
-        if not items:
-            return None
-        end = items[-1].offset + 1
+        start = self.position
+        if (chunk[0].offset() or 0) < start:  # fetched before a re-assign: already read
+            chunk = [m for m in chunk if (m.offset() or 0) >= start]
+            if not chunk:
+                return None
+        items = list(map(KafkaRecord, chunk))
+        end = (chunk[-1].offset() or 0) + 1
         self.position = end
         return Batch(items=items, start=start, end=end, locate=lambda i: items[i].offset)
+
+    @property
+    def buffered(self) -> int:
+        return len(self.buffer) - self._head
+
+    def drop_buffer(self) -> None:
+        self.buffer.clear()
+        self._head = 0
 
     def pause(self, on: bool) -> None:
         from confluent_kafka import TopicPartition
@@ -473,7 +491,7 @@ class _KafkaReader:
         if self._closed:
             return
         self._closed = True
-        self.buffer.clear()
+        self.drop_buffer()
         source = self.source
         if source._readers.get(self.number) is self:
             del source._readers[self.number]
@@ -563,7 +581,7 @@ class KafkaGroup:
         for n in numbers:
             reader = self.source._readers.get(n)
             if reader is not None:
-                reader.buffer.clear()
+                reader.drop_buffer()
         self.source.unassign(numbers)
 
 
