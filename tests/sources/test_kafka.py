@@ -228,3 +228,76 @@ def test_importing_resumeflow_does_not_import_the_kafka_client() -> None:
             "rf.sources.KafkaSource('t', bootstrap='127.0.0.1:1', group_id='g'); "
             "assert 'confluent_kafka' not in sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+class _FakeConsumer:
+    """Unit-test stand-in for the client: ``consume`` runs the scripted group callbacks."""
+
+    def __init__(self) -> None:
+        self.script: list[tuple[str, list[int]]] = []
+        self.assigned: dict[int, int] = {}
+        self.calls: list[tuple[str, Any]] = []
+
+    def subscribe(self, topics: list[str], **callbacks: Any) -> None:
+        self.callbacks = callbacks
+
+    def consume(self, n: int, timeout: float) -> list[Any]:
+        from confluent_kafka import TopicPartition
+
+        script, self.script = self.script, []
+        for kind, parts in script:
+            self.callbacks[f"on_{kind}"](self, [TopicPartition("t", p) for p in parts])
+        return []
+
+    def incremental_assign(self, tps: list[Any]) -> None:
+        self.calls.append(("assign", [(tp.partition, tp.offset) for tp in tps]))
+        self.assigned.update((tp.partition, tp.offset) for tp in tps)
+
+    def incremental_unassign(self, tps: list[Any]) -> None:
+        self.calls.append(("unassign", [tp.partition for tp in tps]))
+        for tp in tps:
+            del self.assigned[tp.partition]
+
+    def assignment(self) -> list[Any]:
+        from confluent_kafka import TopicPartition
+
+        return [TopicPartition("t", p) for p in self.assigned]
+
+    def pause(self, tps: list[Any]) -> None: ...
+
+    def resume(self, tps: list[Any]) -> None: ...
+
+    def close(self) -> None:
+        self.calls.append(("close", None))
+
+
+def test_group_callbacks_become_gains_losses_and_hand_overs() -> None:
+    """Assignments are reported as gained and fetched only once a task opens at its own
+    offset; a revocation runs the release handler before the partition is unassigned; a loss
+    and a new assignment in one poll are both reported; an assignment revoked before the poll
+    is not."""
+    pytest.importorskip("confluent_kafka")
+    source = rf.sources.KafkaSource("t", bootstrap="127.0.0.1:1", group_id="g")
+    fake = _FakeConsumer()
+    source._consumer = fake  # type: ignore[assignment]
+    group = source.membership()
+    group.on_release(lambda parts: fake.calls.append(("handler", parts)))
+    group.join(["0", "1", "2", "3"])
+
+    fake.script = [("assign", [0, 1, 2])]
+    assert group.poll() == (["0", "1", "2"], [])
+    assert fake.calls == [("assign", [])], "nothing is fetched before a task opens"
+    reader = source.open("0", 5, follow=True)
+    assert fake.calls[-1] == ("assign", [(0, 5)])
+
+    fake.calls.clear()
+    fake.script = [("revoke", [0, 1])]
+    assert group.poll() == ([], ["0", "1"])
+    assert fake.calls == [("handler", ["0", "1"]), ("unassign", [0])]
+    reader.close()
+
+    fake.calls.clear()
+    fake.script = [("lost", [2]), ("assign", [2]), ("assign", [3]), ("revoke", [3])]
+    assert group.poll() == (["2"], ["2"])
+    group.leave()
+    assert fake.calls[-1] == ("close", None)
