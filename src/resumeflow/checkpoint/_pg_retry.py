@@ -69,15 +69,17 @@ class RetryPolicy:
 
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` is a failure of the server or network that a retry may outlive."""
-    if isinstance(exc, psycopg.InterfaceError):
-        return "connection" in str(exc).lower()
-    if not isinstance(exc, psycopg.OperationalError):
+    if not isinstance(exc, psycopg.Error):
         return False
     state = exc.sqlstate
-    if state is None:
+    if state is not None:
+        return state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES
+    if isinstance(exc, psycopg.InterfaceError):
+        return "connection" in str(exc).lower()
+    if isinstance(exc, psycopg.OperationalError):
         text = str(exc).lower()
         return not any(hint in text for hint in _CONFIG_HINTS)
-    return state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES
+    return False
 
 
 def describe_dsn(dsn: str) -> tuple[str, str | None]:
@@ -127,11 +129,12 @@ class Retrier:
         while True:
             try:
                 return op(attempt)
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                if not is_transient(exc):
-                    on_failure()
-                    raise self._final(what, exc) from None
+            except psycopg.Error as exc:
                 on_failure()
+                if not is_transient(exc):
+                    if isinstance(exc, psycopg.OperationalError):
+                        raise self._final(what, exc) from None
+                    raise
                 now = self._clock()
                 started = now if started is None else started
                 attempt += 1

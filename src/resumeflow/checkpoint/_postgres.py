@@ -11,9 +11,10 @@ State is versioned: one row per (key, seq) that changed it. A key's value at a c
 its newest version at or below that ``seq``, one indexed row (``load_state`` reads O(1) rows and
 opening a task reads no state). A commit inserts its dirty keys in one set-based statement, so
 its cost grows with the keys it changed, never with the state. The versions the kept
-``keep_checkpoints`` records need stay; when a checkpoint becomes the oldest kept, the versions
-its delta supersedes are deleted (again in proportion to one delta). Falling back from a
-corrupt record, or rewinding, deletes the versions above the target: its state is exact.
+``keep_checkpoints`` records need stay; once a checkpoint is the oldest kept, the versions its
+delta supersedes are deleted by a pruner thread after the commit (``_pg_prune``), so no commit
+waits for an old large delta. Falling back from a corrupt record, or rewinding, deletes the
+versions above the target: its state is exact.
 
 Transient failures are retried on a new connection (``_pg_retry``). A commit whose COMMIT was
 sent but whose answer was lost has an unknown outcome: the retry locks the task's row (waiting
@@ -30,6 +31,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import psycopg
@@ -37,6 +39,7 @@ import psycopg
 from .._codec import decode, encode
 from .._faults import crash_point
 from ..errors import ClosedError, ConfigurationError, CorruptCheckpointError, FencedError, invariant
+from ._pg_prune import Pruner
 from ._pg_retry import PgConnection, Retrier, RetryPolicy, describe_dsn
 from ._record import SCHEMA_VERSION, CommitRecord, decode_record, encode_record
 from ._store import InStoreWrite, OpenedTask, StagedEntry, TaskStatus
@@ -66,6 +69,8 @@ CREATE INDEX IF NOT EXISTS state_by_seq ON {s}.state (task_no, seq);
 CREATE TABLE IF NOT EXISTS {s}.staged (
     task_no bigint NOT NULL, sink text NOT NULL, seq bigint NOT NULL,
     meta bytea NOT NULL, payload bytea NOT NULL, PRIMARY KEY (task_no, sink, seq));
+CREATE TABLE IF NOT EXISTS {s}.prune_marks (
+    task_no bigint PRIMARY KEY, pruned_seq bigint NOT NULL);
 CREATE TABLE IF NOT EXISTS {s}.quarantine (
     task_no bigint NOT NULL, seq bigint NOT NULL, record bytea NOT NULL, reason text NOT NULL,
     at timestamptz NOT NULL DEFAULT now());
@@ -126,6 +131,8 @@ class PostgresStore:
                     "statement_timeout": f"{int(statement_timeout_s * 1000)}"}
         self._writer = PgConnection(dsn, settings=settings, application_name="resumeflow")
         self._reader = PgConnection(dsn, settings=settings, application_name="resumeflow-read")
+        self._pruner = Pruner(PgConnection(dsn, settings=settings,
+                                           application_name="resumeflow-prune"), schema)
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._closed = False
@@ -180,23 +187,28 @@ class PostgresStore:
     # -- taking a task ---------------------------------------------------------------------
 
     def open_task(self, task: str) -> OpenedTask:
+        # An attempt whose COMMIT answer was lost may have discarded corrupt records already:
+        # the next attempt no longer sees them, so what every attempt discarded is reported.
+        discarded: set[int] = set()
         opened = self._write(f"opening task {task!r}",
-                             lambda conn, _: self._open_task_tx(conn, task))
+                             lambda conn, _: self._open_task_tx(conn, task, discarded))
+        if discarded != set(opened.discarded_seqs):
+            opened = replace(opened, discarded_seqs=tuple(sorted(discarded, reverse=True)))
         self._upto[opened.task_no] = opened.record.seq if opened.record else 0
         return opened
 
-    def _open_task_tx(self, conn: psycopg.Connection[Any], task: str) -> OpenedTask:
+    def _open_task_tx(self, conn: psycopg.Connection[Any], task: str,
+                      seen_discarded: set[int]) -> OpenedTask:
         q = self._sql
         with conn.transaction():
             conn.execute(q.insert_task, (task,))
             task_no, epoch, last_seq = _one(conn.execute(q.lock_task_by_name, (task,)))
             epoch += 1
             record, discarded = self._newest_valid(conn, task_no, last_seq)
+            seen_discarded.update(discarded)
             good = record.seq if record is not None else 0
             if record is None and (discarded or last_seq > 0):
-                for table in ("commits", "state", "staged"):
-                    conn.execute(f"DELETE FROM {self.schema}.{table} WHERE task_no = %s",
-                                 (task_no,))
+                self._forget(conn, task_no)
             elif discarded or last_seq > good:
                 self._discard_after(conn, task_no, good)
             conn.execute(q.set_owner, (epoch, good, task_no))
@@ -236,6 +248,12 @@ class PostgresStore:
             log.error("task #%d has no valid commit record left (last seq %d); it starts from "
                       "the beginning of its sources", task_no, last_seq)
         return None, discarded
+
+    def _forget(self, conn: psycopg.Connection[Any], task_no: int) -> None:
+        """Drop a task's whole history (no valid record left, or a rewind to nothing); its
+        pruning starts again from seq 0 (the mark goes last: the pruner locks it last too)."""
+        for table in ("commits", "state", "staged", "prune_marks"):
+            conn.execute(f"DELETE FROM {self.schema}.{table} WHERE task_no = %s", (task_no,))
 
     def _discard_after(self, conn: psycopg.Connection[Any], task_no: int, seq: int) -> None:
         for table in ("commits", "state", "staged"):
@@ -281,6 +299,8 @@ class PostgresStore:
 
         self._write(f"commit seq {record.seq} of task {opened.task!r}", attempt)
         self._upto[opened.task_no] = record.seq
+        if record.seq - self.keep_checkpoints + 1 > 1:
+            self._pruner.request(opened.task_no)
 
     def _commit_tx(self, conn: psycopg.Connection[Any], opened: OpenedTask,
                    record: CommitRecord, raw: bytes, keys: list[bytes],
@@ -335,15 +355,24 @@ class PostgresStore:
         return True
 
     def _prune(self, conn: psycopg.Connection[Any], task_no: int, seq: int) -> None:
-        """The checkpoint ``oldest = seq - keep + 1`` becomes the oldest kept: drop the records
-        before it and the state versions its delta supersedes (one delta's worth of rows)."""
+        """Drop the records older than the kept window (at most one row per commit); the
+        state versions only they needed are dropped by the pruner thread, after the commit."""
         oldest = seq - self.keep_checkpoints + 1
-        if oldest <= 1:
-            return
-        q = self._sql
-        conn.execute(q.prune_commits, (task_no, oldest))
-        conn.execute(q.prune_superseded, (task_no, oldest, oldest))
-        conn.execute(q.prune_tombstones, (task_no, oldest))
+        if oldest > 1:
+            conn.execute(self._sql.prune_commits, (task_no, oldest))
+
+    def prune(self, task: str | None = None) -> int:
+        """Prune state versions now, in the caller's thread (tools and tests); returns the
+        deltas pruned."""
+        self._check_open()
+        rows = self._read("listing tasks", lambda conn: conn.execute(
+            f"SELECT task_no FROM {self.schema}.tasks"
+            + (" WHERE task = %s" if task else ""), (task,) if task else ()).fetchall())
+        return sum(self._pruner.prune(int(task_no)) for (task_no,) in rows)
+
+    def wait_pruned(self, timeout_s: float = 60.0) -> bool:
+        """Wait until the pruner thread has done every request so far; False on timeout."""
+        return self._pruner.wait(timeout_s)
 
     # -- inspection and tools --------------------------------------------------------------
 
@@ -391,7 +420,9 @@ class PostgresStore:
                             f"task {task!r} keeps no checkpoint seq {seq}; pick one listed by "
                             "`resumeflow checkpoints list`")
                     target = decode_record(bytes(raw[0]))
-                self._discard_after(conn, task_no, seq)
+                    self._discard_after(conn, task_no, seq)
+                else:
+                    self._forget(conn, task_no)
                 conn.execute(f"UPDATE {s}.tasks SET last_seq = %s, epoch = epoch + 1 "
                              "WHERE task_no = %s", (seq, task_no))
                 conn.execute(f"INSERT INTO {s}.rewinds (task_no, from_seq, to_seq) "
@@ -403,8 +434,10 @@ class PostgresStore:
         return target
 
     def close(self) -> None:
-        """Close both connections; safe to call twice (and while the server is down)."""
+        """Stop the pruner (after its current transaction) and close the connections; safe
+        to call twice (and while the server is down)."""
         self._closed = True
+        self._pruner.close()
         with self._write_lock:
             self._writer.drop()
         with self._read_lock:
@@ -441,11 +474,6 @@ class _Sql:
         self.insert_commit = f"INSERT INTO {s}.commits VALUES (%s, %s, %s, %s)"
         self.record_at = f"SELECT record FROM {s}.commits WHERE task_no = %s AND seq = %s"
         self.prune_commits = f"DELETE FROM {s}.commits WHERE task_no = %s AND seq < %s"
-        self.prune_superseded = (
-            f"DELETE FROM {s}.state o USING {s}.state n WHERE n.task_no = %s AND n.seq = %s "
-            "AND o.task_no = n.task_no AND o.key = n.key AND o.seq < %s")
-        self.prune_tombstones = (f"DELETE FROM {s}.state WHERE task_no = %s AND seq = %s AND "
-                                 "value IS NULL")
         self.records = (f"SELECT c.seq, c.record FROM {s}.commits c JOIN {s}.tasks t ON "
                         "t.task_no = c.task_no WHERE t.task = %s ORDER BY c.seq")
         self.status = (
