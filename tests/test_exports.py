@@ -32,8 +32,8 @@ PUBLIC = {
     ],
     "resumeflow.runtime": [
         "CRASH_POINTS", "HandsOver", "Membership", "Progress", "Recovery", "ReleaseHandler",
-        "RunConfig", "RunSummary", "Runtime", "StaticMembership", "TaskRunner", "crash_point",
-        "run",
+        "RunConfig", "RunSummary", "Runtime", "StaticMembership", "TaskRunner",
+        "ThrottledMembership", "crash_point", "run",
     ],
 }
 

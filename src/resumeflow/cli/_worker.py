@@ -23,7 +23,7 @@ from rich.markup import escape
 from ..checkpoint import SQLiteStore, Store
 from ..errors import ConfigurationError
 from ..flow import Flow
-from ..runtime import Membership, RunConfig, Runtime
+from ..runtime import Membership, RunConfig, Runtime, ThrottledMembership
 from ._main import _progress_line, _setup_logging, err, load_flow, main
 
 __all__ = ["open_store", "worker"]
@@ -60,8 +60,10 @@ def _membership(flow: Flow, store: str, worker_id: str, lease_s: float) -> Membe
             "process with `resumeflow run --follow`")
     from ..checkpoint._pg_leases import PostgresLeases
 
-    return PostgresLeases(store, worker_id=worker_id, lease_s=lease_s,
-                          group=f"{flow.name}:{source.name}")
+    leases = PostgresLeases(store, worker_id=worker_id, lease_s=lease_s,
+                            group=f"{flow.name}:{source.name}")
+    # A lease poll is a database transaction: a few per lease period are enough.
+    return ThrottledMembership(leases, interval_s=lease_s / 5)
 
 
 @main.command()

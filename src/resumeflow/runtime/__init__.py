@@ -2,7 +2,13 @@
 
 from .._faults import CRASH_POINTS, crash_point
 from ._config import RunConfig
-from ._membership import HandsOver, Membership, ReleaseHandler, StaticMembership
+from ._membership import (
+    HandsOver,
+    Membership,
+    ReleaseHandler,
+    StaticMembership,
+    ThrottledMembership,
+)
 from ._runtime import Progress, RunSummary, Runtime, run
 from ._task import Recovery, TaskRunner
 
@@ -18,6 +24,7 @@ __all__ = [
     "Runtime",
     "StaticMembership",
     "TaskRunner",
+    "ThrottledMembership",
     "crash_point",
     "run",
 ]

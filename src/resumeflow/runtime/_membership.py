@@ -23,10 +23,13 @@ the uncommitted records (at most the replay bound), with no duplicate effect.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
-__all__ = ["HandsOver", "Membership", "ReleaseHandler", "StaticMembership"]
+__all__ = [
+    "HandsOver", "Membership", "ReleaseHandler", "StaticMembership", "ThrottledMembership",
+]
 
 
 class Membership(Protocol):
@@ -88,3 +91,34 @@ class StaticMembership:
 
     def __repr__(self) -> str:
         return "StaticMembership()"
+
+
+class ThrottledMembership:
+    """Polls ``inner`` at most once per ``interval_s`` (for memberships whose poll is a
+    database round trip, such as leases); in between, ``poll()`` reports no change.
+
+    Keep ``interval_s`` well within the inner membership's timeout (a third of a lease).
+    """
+
+    def __init__(self, inner: Membership, interval_s: float, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.inner = inner
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last: float | None = None
+
+    def join(self, partitions: Sequence[str]) -> None:
+        self.inner.join(partitions)
+
+    def poll(self) -> tuple[list[str], list[str]]:
+        now = self._clock()
+        if self._last is not None and now - self._last < self.interval_s:
+            return [], []
+        self._last = now
+        return self.inner.poll()
+
+    def leave(self) -> None:
+        self.inner.leave()
+
+    def __repr__(self) -> str:
+        return f"ThrottledMembership({self.inner!r}, interval_s={self.interval_s})"
