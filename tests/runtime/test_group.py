@@ -308,5 +308,6 @@ def test_broker_restart_mid_run_loses_and_duplicates_nothing(
     codes = c.stop_all()
     assert codes == [0, 0], c.diagnostics()
     c.check_exactly_once()
-    logs = c.log(0) + c.log(1)
-    assert "retries by itself" in logs or "retry" in logs, c.diagnostics()
+    retried = [int(n) for n in re.findall(r"retries: source (\d+)", c.log(0) + c.log(1))]
+    assert len(retried) == 2 and all(n > 0 for n in retried), c.diagnostics()
+    assert "the client retries by itself" in c.log(0), c.diagnostics()

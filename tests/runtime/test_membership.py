@@ -18,7 +18,7 @@ import pytest
 
 import resumeflow as rf
 from resumeflow.errors import ConfigurationError
-from resumeflow.runtime import ReleaseHandler, StaticMembership
+from resumeflow.runtime import ReleaseHandler, StaticMembership, ThrottledMembership
 
 PARTITIONS = ("p0.jsonl", "p1.jsonl", "p2.jsonl", "p3.jsonl")
 FOLLOW = rf.RunConfig(follow=True, replay_max_events=500, replay_max_seconds=0.05,
@@ -316,3 +316,21 @@ def test_a_worker_holding_nothing_runs_until_stopped(tmp_path: Path) -> None:
     assert w.thread.is_alive()
     summary = w.stop()
     assert summary.records_in == 0 and summary.stopped_by == "test" and member.left
+
+
+def test_throttled_membership_polls_its_inner_one_at_most_once_per_interval() -> None:
+    """ThrottledMembership asks its inner membership at most once per interval and reports
+    no change in between, so a database-backed membership is not polled every loop turn."""
+    now = [0.0]
+    inner = Group().member("a")
+    inner.group.give(["0"], "a")
+    m = ThrottledMembership(inner, 1.0, clock=lambda: now[0])
+    m.join(["0", "1"])
+    assert m.poll() == (["0"], [])
+    inner.group.give(["1"], "a", only=False)
+    now[0] = 0.5
+    assert m.poll() == ([], []) and inner.polls == 1
+    now[0] = 1.0
+    assert m.poll() == (["1"], []) and inner.polls == 2
+    m.leave()
+    assert inner.left

@@ -121,9 +121,18 @@ def worker(flow_spec: str, store: str, guarantee: str, replay_max_events: int,
         f"{summary.elapsed_s:.2f} s, {summary.commits} commits, {summary.rebalances} "
         f"rebalances, tasks gained {summary.tasks_gained} released {summary.tasks_released} "
         f"fenced {summary.fenced}, replayed {summary.records_replayed}, dead letters "
-        f"{summary.dead_letters}, restarts {summary.restarts}, process time "
+        f"{summary.dead_letters}, restarts {summary.restarts}, "
+        f"{_retries(flow, the_store)}, process time "
         f"{time.monotonic() - started:.2f} s"
         + (f"; stopped by {summary.stopped_by} after committing" if summary.stopped_by else "")))
+
+
+def _retries(flow: Flow, store: Any) -> str:
+    """Transient failures retried by the source and the store (those that count them)."""
+    source = getattr(flow.source_, "retries", None)
+    stored = getattr(store, "retries", None)
+    return (f"retries: source {'-' if source is None else source}, store "
+            f"{'-' if stored is None else stored}")
 
 
 def _where(store: Any) -> str:
