@@ -111,6 +111,13 @@ def test_workers_share_files_through_leases_and_survive_a_sigkill(
                              logs[0].read_text()):
             (victim.add if m.group(1) == "recovered" else victim.discard)(m.group(2))
         assert victim, diagnostics()
+
+        def resumed() -> dict[str, str]:
+            after_kill = logs[1].read_bytes()[killed_at:].decode()
+            return dict(re.findall(r"recovered task leased:files:(in\d\.jsonl) epoch \d+ "
+                                   r"from (no checkpoint|checkpoint seq \d+)", after_kill))
+
+        wait(lambda: victim <= set(resumed()), "the survivor to take the victim's leases")
         wait(lambda: len(output()) >= n, "the whole output", timeout_s=90)
         procs[1].send_signal(signal.SIGTERM)
         assert procs[1].wait(30) == 0, diagnostics()
@@ -122,8 +129,5 @@ def test_workers_share_files_through_leases_and_survive_a_sigkill(
     rows = output()
     got = {r["id"]: r["sum"] for r in rows}
     assert len(rows) == len(got) == n and got == expected, diagnostics()
-    after_kill = logs[1].read_bytes()[killed_at:].decode()
-    resumed = dict(re.findall(r"recovered task leased:files:(in\d\.jsonl) epoch \d+ from "
-                              r"(no checkpoint|checkpoint seq \d+)", after_kill))
-    assert victim <= set(resumed), diagnostics()
-    assert any(resumed[p].startswith("checkpoint seq") for p in victim), diagnostics()
+    taken = resumed()
+    assert any(taken[p].startswith("checkpoint seq") for p in victim), diagnostics()

@@ -105,6 +105,16 @@ class Runtime:
         flow.validate()
         self.flow = flow
         self.config = config or RunConfig()
+        self.membership: Membership = (_default_membership(flow.source_) if membership is None
+                                       else membership)
+        self._static = isinstance(self.membership, StaticMembership)
+        if not self._static and not self.config.follow:
+            raise ConfigurationError(
+                f"{self.membership!r} shares the partitions with other workers, so this worker "
+                "runs until it is stopped: set RunConfig(follow=True) (`resumeflow worker` "
+                "does), or pass membership=StaticMembership() to read every partition to its "
+                "end in this process"
+            )
         self._owns_store = not hasattr(store, "open_task")
         if isinstance(store, (str, Path)):
             store = SQLiteStore(store, keep_checkpoints=self.config.keep_checkpoints)
@@ -121,15 +131,6 @@ class Runtime:
         self._rng = random.Random(self.config.seed)
         self._failures: dict[str, int] = {}
         self._sleep = sleep
-        self.membership: Membership = membership or _default_membership(flow.source_)
-        self._static = isinstance(self.membership, StaticMembership)
-        if not self._static and not self.config.follow:
-            raise ConfigurationError(
-                f"{self.membership!r} shares the partitions with other workers, so this worker "
-                "runs until it is stopped: set RunConfig(follow=True) (`resumeflow worker` "
-                "does), or pass membership=StaticMembership() to read every partition to its "
-                "end in this process"
-            )
         self._joined = False
         self._closing = False
         self._summary = RunSummary()
@@ -179,8 +180,6 @@ class Runtime:
         if not gained and not lost:
             return []
         summary.rebalances += 1
-        log.info("rebalance: gained partitions %s, lost %s; holding %d task(s) before",
-                 gained, lost, len(self.tasks))
         for partition in lost:
             self._release(partition, summary)
         recoveries = []
@@ -189,6 +188,8 @@ class Runtime:
                 continue
             recovery = self._take(partition, summary)
             recoveries.append(recovery)
+        log.info("rebalance: gained partitions %s, lost %s; now holding %s", _few(gained),
+                 _few(lost), _few([t.partition for t in self.tasks]))
         return recoveries
 
     def _held(self, partition: str) -> TaskRunner | None:
@@ -432,6 +433,13 @@ class Runtime:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+def _few(partitions: list[str]) -> str:
+    """A list of partitions for a log line, cut short when long."""
+    if len(partitions) <= 12:
+        return str(partitions)
+    return f"{partitions[:12]} and {len(partitions) - 12} more"
 
 
 def _default_membership(source: Source) -> Membership:
