@@ -422,6 +422,7 @@ class _KafkaReader:
         self._follow = follow
         self._at_end = False
         self._eof = False
+        self._heard = False
         self._closed = False
         source.assign(number, _BEGINNING if position is None else position)
 
@@ -432,13 +433,14 @@ class _KafkaReader:
     def reached_end(self, offset: int) -> None:
         """The fetch reached the partition's end (every record before it is buffered)."""
         self._eof = not self._follow
+        self._heard = True
 
     def read(self, max_records: int) -> Batch | None:
         if self._at_end:
             return None
         source = self.source
         if not self.buffered and source._group is None:
-            source.pump(0.05 if not any(r.buffered for r in source._readers.values()) else 0)
+            self._fetch_alone()
         head, buffer = self._head, self.buffer
         if head >= len(buffer):
             self._at_end = self._eof
@@ -460,6 +462,19 @@ class _KafkaReader:
         end = (chunk[-1].offset() or 0) + 1
         self.position = end
         return Batch(items=items, start=start, end=end, locate=lambda i: items[i].offset)
+
+    def _fetch_alone(self) -> None:
+        """Pump the consumer ourselves (no group polls it). Until the partition's first fetch
+        answers (records or its end), wait for it, so "nothing now" is never said of a
+        partition not fetched yet (a replay count would read it as the end)."""
+        source = self.source
+        deadline = time.monotonic() + min(2.0, source.timeout_s)
+        while True:
+            source.pump(0.05 if not any(r.buffered for r in source._readers.values()) else 0)
+            if self.buffered:
+                self._heard = True
+            if self._heard or self._eof or time.monotonic() > deadline:
+                return
 
     @property
     def buffered(self) -> int:
