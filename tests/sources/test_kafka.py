@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -301,3 +302,25 @@ def test_group_callbacks_become_gains_losses_and_hand_overs() -> None:
     assert group.poll() == (["2"], ["2"])
     group.leave()
     assert fake.calls[-1] == ("close", None)
+
+
+def test_brokers_down_past_the_outage_budget_make_the_group_unavailable() -> None:
+    """A group member whose brokers stay unreachable past the outage budget checks them with
+    retried metadata calls and then raises UnavailableError, instead of idling forever."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    source = rf.sources.KafkaSource("t", bootstrap=f"127.0.0.1:{port}", group_id="g",
+                                    timeout_s=0.3, retry_budget=1, retry_backoff_base_s=0.01,
+                                    retry_backoff_max_s=0.02, outage_budget_s=0.5)
+    group = source.membership()
+    group.join(["0"])
+    deadline = time.monotonic() + 30
+    try:
+        with pytest.raises(UnavailableError, match="reaching the brokers"):
+            while time.monotonic() < deadline:
+                assert group.poll() == ([], [])
+                time.sleep(0.05)
+    finally:
+        group.leave()
+    assert source.retries >= 2

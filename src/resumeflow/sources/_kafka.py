@@ -23,7 +23,9 @@ asynchronously, as advice for other tools (lag monitors); failures are only logg
 commit record is the truth. Transient failures of metadata calls are retried with capped
 exponential backoff and full jitter within ``retry_budget`` attempts, counted in ``retries``
 and logged, then raise ``UnavailableError``; fetching recovers by itself (librdkafka
-reconnects) and its transient errors are counted and logged. A record that does not decode
+reconnects) and its transient errors are counted and logged, until every broker has been
+unreachable for ``outage_budget_s``: then a retried metadata call decides, and its failure
+raises ``UnavailableError``. A record that does not decode
 raises ``BadRecordError`` naming topic, partition and offset (the runtime dead-letters it).
 """
 
@@ -133,6 +135,8 @@ class KafkaSource:
         max_buffered_records: records buffered per partition before it is paused.
         timeout_s: timeout of one metadata call.
         retry_budget: attempts of a metadata call before ``UnavailableError``.
+        outage_budget_s: how long every broker may stay unreachable before the source checks
+            them with a (retried) metadata call, whose failure raises ``UnavailableError``.
         retry_backoff_base_s: first backoff (full jitter, doubling).
         retry_backoff_max_s: cap of the backoff.
         rng: the jitter's random source.
@@ -147,7 +151,8 @@ class KafkaSource:
                  decode: Callable[[KafkaRecord], Any] | None = None,
                  max_buffered_records: int = 10_000, timeout_s: float = 10.0,
                  retry_budget: int = 8, retry_backoff_base_s: float = 0.1,
-                 retry_backoff_max_s: float = 5.0, rng: random.Random | None = None) -> None:
+                 retry_backoff_max_s: float = 5.0, outage_budget_s: float = 60.0,
+                 rng: random.Random | None = None) -> None:
         if not topic or not bootstrap or not group_id:
             raise ConfigurationError("KafkaSource needs a topic, bootstrap and group_id")
         config = dict(config or {})
@@ -172,6 +177,8 @@ class KafkaSource:
         self.retry_budget = retry_budget
         self.retry_backoff_base_s = retry_backoff_base_s
         self.retry_backoff_max_s = retry_backoff_max_s
+        self.outage_budget_s = outage_budget_s
+        self._down_since: float | None = None
         self._rng = rng or random.Random()
         self.retries = 0
         self.rebalances = 0
@@ -250,9 +257,13 @@ class KafkaSource:
                 time.sleep(delay)
 
     def _on_error(self, err: KafkaError) -> None:
+        from confluent_kafka import KafkaError as E
+
         if err.fatal():
             log.error("%r: fatal client error: %s", self, self.redact(err.str()))
             return
+        if err.code() == E._ALL_BROKERS_DOWN and self._down_since is None:
+            self._down_since = time.monotonic()
         self.retries += 1
         self._log_transient(err.code(), f"{self.redact(err.str())} (the client retries by itself)")
 
@@ -313,7 +324,8 @@ class KafkaSource:
                            max_buffered_records=self.max_buffered_records,
                            timeout_s=self.timeout_s, retry_budget=self.retry_budget,
                            retry_backoff_base_s=self.retry_backoff_base_s,
-                           retry_backoff_max_s=self.retry_backoff_max_s, rng=self._rng)
+                           retry_backoff_max_s=self.retry_backoff_max_s,
+                           outage_budget_s=self.outage_budget_s, rng=self._rng)
 
     def decode(self, raw: KafkaRecord) -> Any:
         try:
@@ -343,6 +355,11 @@ class KafkaSource:
         consumer = self.consumer()
         room = self.max_buffered_records * max(1, len(self._readers))
         messages = consumer.consume(min(room, 100_000), timeout_s)
+        if messages:
+            self._down_since = None
+        elif self._down_since is not None and \
+                time.monotonic() - self._down_since > self.outage_budget_s:
+            self._check_brokers()
         readers = self._readers
         for m in messages:
             err = m.error()
@@ -355,6 +372,16 @@ class KafkaSource:
         for reader in list(readers.values()):
             if reader.buffered >= self.max_buffered_records and not reader.paused:
                 reader.pause(True)
+
+    def _check_brokers(self) -> None:
+        """Every broker has been unreachable past the outage budget: ask for metadata (with
+        retries); ``UnavailableError`` if they still do not answer."""
+        log.warning("%r: no broker reachable for %.0f s; checking them", self,
+                    time.monotonic() - (self._down_since or 0))
+        consumer = self.consumer()
+        self.retry("reaching the brokers", lambda: consumer.list_topics(
+            self.topic, timeout=self.timeout_s))
+        self._down_since = None
 
     def _fetch_error(self, m: Message, err: KafkaError) -> None:
         from confluent_kafka import KafkaError as E
