@@ -46,7 +46,7 @@ from ._base import Batch
 if TYPE_CHECKING:
     from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
-    from ..runtime._membership import ReleaseHandler
+    from ._kafka_group import KafkaGroup
 
 __all__ = ["KafkaRecord", "KafkaSource"]
 
@@ -343,6 +343,8 @@ class KafkaSource:
 
     def membership(self) -> KafkaGroup:
         """The consumer group as this worker's membership (one per source object)."""
+        from ._kafka_group import KafkaGroup
+
         if self._group is None:
             self._group = KafkaGroup(self)
         return self._group
@@ -539,92 +541,6 @@ class _KafkaReader:
             del source._readers[self.number]
         source.unassign([self.number])
         source._release_consumer()
-
-
-class KafkaGroup:
-    """The consumer group as a ``Membership``: assignments become gained partitions,
-    revocations and losses lost ones (after the runtime committed them, see ``HandsOver``)."""
-
-    def __init__(self, source: KafkaSource) -> None:
-        self.source = source
-        self._events: list[tuple[str, int]] = []
-        self._held: set[int] = set()
-        self._handler: ReleaseHandler | None = None
-        self._joined = False
-
-    def __repr__(self) -> str:
-        return f"KafkaGroup({self.source.topic!r}, group_id={self.source.group_id!r})"
-
-    def on_release(self, handler: ReleaseHandler) -> None:
-        self._handler = handler
-
-    def join(self, partitions: Sequence[str]) -> None:
-        self.source._group = self
-        self.source.consumer().subscribe([self.source.topic], on_assign=self._on_assign,
-                                         on_revoke=self._on_revoke, on_lost=self._on_lost)
-        self._joined = True
-        log.info("%r: joined with %d partition(s) to share", self, len(partitions))
-
-    def poll(self) -> tuple[list[str], list[str]]:
-        self.source.pump(0)
-        if not self._events:
-            return [], []
-        before = set(self._held)
-        events, self._events = self._events, []
-        lost_any: set[int] = set()
-        for kind, n in events:
-            if kind == "gained":
-                self._held.add(n)
-            else:
-                self._held.discard(n)
-                if n in before:
-                    lost_any.add(n)
-        gained = sorted((self._held - before) | (self._held & lost_any))
-        lost = sorted(lost_any)
-        return [str(n) for n in gained], [str(n) for n in lost]
-
-    def leave(self) -> None:
-        if not self._joined:
-            return
-        self._joined = False
-        self._held.clear()
-        source = self.source
-        for reader in list(source._readers.values()):
-            reader.close()
-        consumer = source._consumer
-        if consumer is not None:
-            consumer.close()  # leaves the group at once: the others take over without waiting
-        source._consumer = None
-        source._group = None
-
-    # -- callbacks (run inside pump(), between task steps) ---------------------------------
-
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.source.rebalances += 1
-        numbers = sorted(tp.partition for tp in partitions)
-        log.info("%r: assigned partitions %s", self, numbers)
-        self._events.extend(("gained", n) for n in numbers)
-        # Fetching starts only when the runtime opens the task at its committed offset.
-        consumer.incremental_assign([])
-
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._give_back(partitions, "revoked")
-
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._give_back(partitions, "lost (session timed out or fenced by the group)")
-
-    def _give_back(self, partitions: list[TopicPartition], why: str) -> None:
-        self.source.rebalances += 1
-        numbers = sorted(tp.partition for tp in partitions)
-        log.info("%r: partitions %s %s", self, numbers, why)
-        if self._handler is not None and self._joined:
-            self._handler([str(n) for n in numbers if n in self._held])
-        self._events.extend(("lost", n) for n in numbers)
-        for n in numbers:
-            reader = self.source._readers.get(n)
-            if reader is not None:
-                reader.drop_buffer()
-        self.source.unassign(numbers)
 
 
 def _transient(err: KafkaError | None) -> bool:
