@@ -42,6 +42,7 @@ TOPIC = {topic!r}
 BOOTSTRAP = {bootstrap!r}
 GROUP = {group!r}
 OUT = {out!r}
+OUT_TOPIC = {out_topic!r}
 PACE_S = {pace_s!r}
 CONSUMER = {consumer!r}
 
@@ -57,7 +58,8 @@ def flow():
       .map(pace)
       .key_by(lambda e: e["k"])
       .stateful_map(lambda s, e: (s + e["v"], {{"id": e["id"], "sum": s + e["v"]}}), initial=0)
-      .sink(rf.sinks.JsonLinesSink(OUT, with_key=False)))
+      .sink(rf.sinks.KafkaSink(OUT_TOPIC, bootstrap=BOOTSTRAP) if OUT_TOPIC
+            else rf.sinks.JsonLinesSink(OUT, with_key=False)))
     return f
 '''
 
@@ -66,7 +68,7 @@ class Cluster:
     """A topic, its input, a pipeline file and the worker processes running it."""
 
     def __init__(self, root: Path, bootstrap: str, dsn: str, *, per_partition: int,
-                 pace_s: float, session_timeout_ms: int = 3000) -> None:
+                 pace_s: float, session_timeout_ms: int = 3000, sink: str = "jsonl") -> None:
         from resumeflow.testing._kafka_broker import create_topic, produce_json
 
         self.root = root
@@ -75,6 +77,9 @@ class Cluster:
         tag = uuid.uuid4().hex[:8]
         self.topic = f"sums-in-{tag}"
         create_topic(bootstrap, self.topic, PARTITIONS)
+        self.out_topic = f"sums-out-{tag}" if sink == "kafka" else ""
+        if self.out_topic:
+            create_topic(bootstrap, self.out_topic, PARTITIONS)
         self.events: dict[int, list[dict[str, Any]]] = {}
         n = 0
         for p in range(PARTITIONS):
@@ -95,7 +100,8 @@ class Cluster:
                     "heartbeat.interval.ms": max(100, session_timeout_ms // 10)}
         path.write_text(_PIPELINE.format(
             topic=self.topic, bootstrap=self.bootstrap, group=f"sums-{tag}",
-            out=str(self.root / "out-{partition}.jsonl"), pace_s=pace_s, consumer=consumer))
+            out=str(self.root / "out-{partition}.jsonl"), out_topic=self.out_topic,
+            pace_s=pace_s, consumer=consumer))
         return f"{path}:flow"
 
     # -- workers -------------------------------------------------------------------------
@@ -170,6 +176,11 @@ class Cluster:
     # -- output --------------------------------------------------------------------------
 
     def output(self) -> list[dict[str, Any]]:
+        """Every output record: committed Kafka output (read_committed) or the files."""
+        if self.out_topic:
+            from resumeflow.testing._kafka_broker import read_topic
+
+            return [m.value for m in read_topic(self.bootstrap, self.out_topic)]
         rows = []
         for path in sorted(self.root.glob("out-*.jsonl")):
             rows.extend(json.loads(line) for line in path.read_bytes().splitlines())
@@ -208,6 +219,8 @@ class Cluster:
             time.sleep(0.1)
 
     def progress(self) -> int:
+        if self.out_topic:
+            return len(self.output())
         return sum(len(p.read_bytes().splitlines()) for p in self.root.glob("out-*.jsonl"))
 
 
