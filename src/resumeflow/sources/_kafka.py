@@ -397,8 +397,9 @@ class KafkaSource:
             raise DataError(
                 f"topic {self.topic!r} partition {m.partition()}: the checkpoint resumes at "
                 f"offset {reader.position}, which the broker no longer has ({err.str()}): "
-                "records were deleted (retention) before this flow processed them. Rewind "
-                "the task with `resumeflow checkpoints rewind`, or raise the topic's retention")
+                "records were deleted (retention) before this flow processed them, or the "
+                "topic was recreated. Rewind the task with `resumeflow checkpoints rewind`, "
+                "and raise the topic's retention")
         if err.fatal() or not _transient(err):
             raise UnavailableError(f"{self!r}: fetching partition {m.partition()} failed: "
                                    f"{self.redact(err.str())}")
