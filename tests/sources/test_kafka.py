@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import resumeflow as rf
-from resumeflow.errors import BadRecordError, ConfigurationError, UnavailableError
+from resumeflow.errors import BadRecordError, ConfigurationError, DataError, UnavailableError
 from resumeflow.runtime import StaticMembership
 from resumeflow.testing import check_source
 
@@ -324,3 +324,25 @@ def test_brokers_down_past_the_outage_budget_make_the_group_unavailable() -> Non
     finally:
         group.leave()
     assert source.retries >= 2
+
+
+def test_resuming_below_the_log_start_is_a_clear_data_error(kafka: Any) -> None:
+    """A checkpoint whose offset the broker no longer has (records deleted before they were
+    processed) fails with a DataError naming topic, partition and offset, never a silent
+    jump to another offset."""
+    from confluent_kafka import TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    topic = _topic(kafka, 1)
+    _produce(kafka, topic, 0, [json.dumps({"n": i}).encode() for i in range(10)])
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    for future in admin.delete_records([TopicPartition(topic, 0, 6)]).values():
+        future.result(30)
+    reader = _source(kafka, topic).open("0", 2, follow=False)
+    try:
+        with pytest.raises(DataError, match=rf"topic '{topic}' partition 0.*offset 2"):
+            for _ in range(200):
+                reader.read(10)
+                time.sleep(0.01)
+    finally:
+        reader.close()
