@@ -18,8 +18,8 @@ PUBLIC = {
         "SourceReader",
     ],
     "resumeflow.sinks": [
-        "Guarantee", "JsonLinesSink", "Precommit", "SQLiteTable", "Sink", "SinkContext",
-        "SinkWriter", "Stdout",
+        "Guarantee", "JsonLinesSink", "KafkaSink", "Precommit", "SQLiteTable", "Sink",
+        "SinkContext", "SinkWriter", "Stdout",
     ],
     "resumeflow.checkpoint": [
         "GENESIS_DIGEST", "SCHEMA_VERSION", "CommitRecord", "OpenedTask", "SQLiteStore",

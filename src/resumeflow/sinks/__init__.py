@@ -11,9 +11,13 @@ from ._jsonlines import JsonLinesSink
 from ._sqlite import SQLiteTable
 from ._stdout import Stdout
 
+if TYPE_CHECKING:
+    from ._kafka import KafkaSink
+
 __all__ = [
     "Guarantee",
     "JsonLinesSink",
+    "KafkaSink",
     "Precommit",
     "SQLiteTable",
     "Sink",
@@ -27,8 +31,14 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    """Connectors with optional dependencies load on first use (``import resumeflow`` stays
+    light)."""
     if name == "PostgresTable":
         from ._postgres import PostgresTable
 
         return PostgresTable
+    if name == "KafkaSink":
+        from ._kafka import KafkaSink
+
+        return KafkaSink
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
