@@ -1,12 +1,12 @@
 """Workers of a group on a real Kafka broker and a real PostgreSQL store: partitions move when
 a worker dies, pauses or the broker restarts, and the keyed running sums land exactly once.
 
-Each test writes a pipeline (Kafka source with a six-partition topic, a keyed running sum,
-an exactly-once sink), produces its input, starts ``resumeflow worker`` processes that share
-one ``PostgresStore``, breaks something, waits for the output to be complete, stops the
-workers with SIGTERM and compares the output with a straight-Python reference: every input
-record's effect exactly once (0 lost, 0 duplicated). The workers' logs are attached to every
-failure.
+Each test writes a pipeline (Kafka source with a six-partition topic, a keyed running sum, the
+exactly-once ``KafkaSink`` read back with read_committed, or JSON-lines files), produces its
+input, starts ``resumeflow worker`` processes that share one store (``PostgresStore``, or one
+SQLite file), breaks something, waits for the output to be complete, stops the workers with
+SIGTERM and compares the output with a straight-Python reference: every input record's effect
+exactly once (0 lost, 0 duplicated). The workers' logs are attached to every failure.
 """
 
 from __future__ import annotations
@@ -255,14 +255,15 @@ def summary_numbers(log: str) -> dict[str, int]:
                     strict=True))
 
 
-@pytest.mark.parametrize("store", ["postgres", "sqlite"])
+@pytest.mark.parametrize(("store", "sink"), [("postgres", "kafka"), ("sqlite", "jsonl")])
 def test_sigkilled_worker_partitions_move_and_output_is_exactly_once(
-        cluster_factory: Callable[..., Cluster], store: str) -> None:
+        cluster_factory: Callable[..., Cluster], store: str, sink: str) -> None:
     """Three workers share six partitions; one is SIGKILLed mid-run; the other two take its
-    partitions, resume from its commit records, and every record lands exactly once (with a
-    shared PostgreSQL store, and with one SQLite file whose progress marks make the new owner
-    count the victim's replay through a second reader of the partition)."""
-    c = cluster_factory(store=store, per_partition=600, pace_s=0.003)
+    partitions, resume from its commit records, and every record lands exactly once (a shared
+    PostgreSQL store with the exactly-once KafkaSink; and one SQLite file with JSON-lines
+    output, whose progress marks make the new owner count the victim's replay through a
+    second reader of the partition)."""
+    c = cluster_factory(store=store, sink=sink, per_partition=600, pace_s=0.003)
     for _ in range(3):
         c.start()
     c.wait(lambda: all(c.held(i) for i in range(3)), "every worker to hold partitions")
@@ -289,7 +290,7 @@ def test_paused_zombie_commits_are_refused_and_nothing_is_duplicated(
         cluster_factory: Callable[..., Cluster]) -> None:
     """A worker SIGSTOPped past its session timeout loses its partitions; once SIGCONTed its
     commits are refused as fenced (counted and logged) and the output stays exactly once."""
-    c = cluster_factory(per_partition=500, pace_s=0.003, session_timeout_ms=2000)
+    c = cluster_factory(sink="kafka", per_partition=500, pace_s=0.003, session_timeout_ms=2000)
     # The zombie never commits on its own (huge window), so it has work to commit when it wakes.
     zombie = c.start("--replay-max-seconds", "600")
     other = c.start()
@@ -318,7 +319,7 @@ def test_broker_restart_mid_run_loses_and_duplicates_nothing(
         cluster_factory: Callable[..., Cluster], kafka: Any) -> None:
     """Stopping and restarting the broker mid-run makes the workers retry and resume; every
     record still lands exactly once."""
-    c = cluster_factory(per_partition=500, pace_s=0.003, session_timeout_ms=3000)
+    c = cluster_factory(sink="kafka", per_partition=500, pace_s=0.003, session_timeout_ms=3000)
     for _ in range(2):
         c.start()
     c.wait(lambda: c.held(0) and c.held(1), "both workers to hold partitions")
