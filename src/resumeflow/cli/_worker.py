@@ -128,11 +128,11 @@ def worker(flow_spec: str, store: str, guarantee: str, replay_max_events: int,
 
 
 def _retries(flow: Flow, store: Any) -> str:
-    """Transient failures retried by the source and the store (those that count them)."""
-    source = getattr(flow.source_, "retries", None)
-    stored = getattr(store, "retries", None)
-    return (f"retries: source {'-' if source is None else source}, store "
-            f"{'-' if stored is None else stored}")
+    """Transient failures retried by the source, the sink and the store (those that count)."""
+    counts = [getattr(flow.source_, "retries", None), getattr(flow.sink_, "retries", None),
+              getattr(store, "retries", None)]
+    source, sink, stored = ("-" if n is None else str(n) for n in counts)
+    return f"retries: source {source}, sink {sink}, store {stored}"
 
 
 def _where(store: Any) -> str:
