@@ -13,7 +13,10 @@ PUBLIC = {
         "Flow", "ResumeflowError", "RunConfig", "RunSummary", "Runtime", "SQLiteStore",
         "__version__", "checkpoint", "errors", "run", "sinks", "sources",
     ],
-    "resumeflow.sources": ["Batch", "JsonLines", "JsonLinesDir", "Source", "SourceReader"],
+    "resumeflow.sources": [
+        "Batch", "JsonLines", "JsonLinesDir", "KafkaRecord", "KafkaSource", "Source",
+        "SourceReader",
+    ],
     "resumeflow.sinks": [
         "Guarantee", "JsonLinesSink", "KafkaSink", "Precommit", "SQLiteTable", "Sink",
         "SinkContext", "SinkWriter", "Stdout",
@@ -28,8 +31,9 @@ PUBLIC = {
         "UnavailableError", "UsageError", "invariant",
     ],
     "resumeflow.runtime": [
-        "CRASH_POINTS", "Progress", "Recovery", "RunConfig", "RunSummary", "Runtime",
-        "TaskRunner", "crash_point", "run",
+        "CRASH_POINTS", "HandsOver", "Membership", "Progress", "Recovery", "ReleaseHandler",
+        "RunConfig", "RunSummary", "Runtime", "StaticMembership", "TaskRunner",
+        "ThrottledMembership", "crash_point", "run",
     ],
 }
 

@@ -1,8 +1,18 @@
-"""The runtime: opens every task of a flow, runs them round-robin, commits each on its bound.
+"""The runtime: opens the tasks this worker holds, runs them round-robin, commits each on its
+bound, and opens and closes tasks as its membership gains and loses partitions.
 
 ``run()`` returns after the final commit once every bounded input is read (or after a stop
-request: SIGTERM or SIGINT drain the current batch and commit). Whatever kills the process
-instead, the next ``run()`` on the same store resumes every task from its last commit record.
+request: SIGTERM or SIGINT drain the current batch and commit). With ``RunConfig(follow=True)``
+inputs are never done, so the run ends only on a stop request: this is how a worker of a group
+runs. Whatever kills the process instead, the next owner of each task (this worker restarted,
+or another one of the group) resumes it from its last commit record.
+
+A task gained is opened (``TaskRunner.open()``: a new epoch in the store fences the previous
+owner) and resumes from its commit record; a task lost is committed if it can be and closed.
+A commit refused with ``FencedError`` means another worker took the task: with a shared
+membership the task is dropped quietly (counted in ``RunSummary.fenced``) and nothing of its
+uncommitted work lands; with ``StaticMembership`` it fails the run, since no other worker
+should exist.
 """
 
 from __future__ import annotations
@@ -22,10 +32,12 @@ from typing import Any
 
 from .._faults import install_from_env
 from ..checkpoint import SQLiteStore, Store
-from ..errors import ConfigurationError, UnavailableError
+from ..errors import ConfigurationError, FencedError, UnavailableError
 from ..flow import Flow
 from ..sinks import JsonLinesSink, Sink
+from ..sources import Source
 from ._config import RunConfig
+from ._membership import HandsOver, Membership, StaticMembership
 from ._progress import ProgressMarks
 from ._task import Recovery, TaskRunner
 
@@ -58,6 +70,12 @@ class RunSummary:
     elapsed_s: float = 0.0
     time_to_first_record_s: float | None = None
     stopped_by: str | None = None
+    rebalances: int = 0
+    """Polls of the membership that gained or lost partitions."""
+    tasks_gained: int = 0
+    tasks_released: int = 0
+    fenced: int = 0
+    """Tasks dropped because another worker had taken them (their commit was refused)."""
 
     @property
     def commit_p50_s(self) -> float:
@@ -73,16 +91,30 @@ class Runtime:
         config: bounds and guarantee.
         dead_letters: dead-letter sink (default: JSON lines next to the store).
         progress: called about twice a second with a ``Progress``.
+        membership: which partitions this worker runs (default: the source's own, such as a
+            Kafka consumer group, when it has one; else every partition). A membership shared
+            with other workers needs ``RunConfig(follow=True)``: the worker runs until stopped.
     """
 
     def __init__(self, flow: Flow, store: Store | str | Path, config: RunConfig | None = None,
                  *, dead_letters: Sink | None = None,
                  progress: Callable[[Progress], None] | None = None,
+                 membership: Membership | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         flow.validate()
         self.flow = flow
         self.config = config or RunConfig()
+        self.membership: Membership = (_default_membership(flow.source_) if membership is None
+                                       else membership)
+        self._static = isinstance(self.membership, StaticMembership)
+        if not self._static and not self.config.follow:
+            raise ConfigurationError(
+                f"{self.membership!r} shares the partitions with other workers, so this worker "
+                "runs until it is stopped: set RunConfig(follow=True) (`resumeflow worker` "
+                "does), or pass membership=StaticMembership() to read every partition to its "
+                "end in this process"
+            )
         self._owns_store = not hasattr(store, "open_task")
         if isinstance(store, (str, Path)):
             store = SQLiteStore(store, keep_checkpoints=self.config.keep_checkpoints)
@@ -99,6 +131,11 @@ class Runtime:
         self._rng = random.Random(self.config.seed)
         self._failures: dict[str, int] = {}
         self._sleep = sleep
+        self._joined = False
+        self._closing = False
+        self._summary = RunSummary()
+        self._retired_replayed = 0
+        self._retired_first: list[float] = []
         install_from_env()
 
     def _default_dead_letters(self) -> Sink:
@@ -113,20 +150,21 @@ class Runtime:
         return JsonLinesSink(f"{path}.deadletters/{{partition}}.jsonl")
 
     def open(self) -> list[Recovery]:
-        """Take every task and recover it; logs one line per task."""
+        """Join the membership and open the tasks it gives at once; logs one line per task.
+
+        With ``StaticMembership`` that is every partition; a shared membership may give none
+        yet (``run()`` opens the rest as they come).
+        """
         partitions = self.flow.source_.partitions()
         self._partitions = partitions
         path = getattr(self.store, "path", None)
-        if path is not None:
+        if path is not None and self._marks is None:
             self._marks = ProgressMarks(Path(f"{path}.progress"))
-        recoveries = []
-        for partition in partitions:
-            task = self._make_task(partition)
-            recovery = task.open()
-            log.info("%s", recovery.line())
-            self.tasks.append(task)
-            recoveries.append(recovery)
-        return recoveries
+        if isinstance(self.membership, HandsOver):
+            self.membership.on_release(self._hand_over)
+        self.membership.join(partitions)
+        self._joined = True
+        return self._rebalance(self._summary)
 
     def _make_task(self, partition: str) -> TaskRunner:
         return TaskRunner(flow=self.flow, partition=partition,
@@ -134,14 +172,106 @@ class Runtime:
                           config=self.config, dead_letters=self._dead, marks=self._marks,
                           clock=self._clock, rng=self._rng, store_path=self._store_path)
 
-    def _restart(self, index: int, failure: UnavailableError, summary: RunSummary) -> None:
-        """Replace a task that hit a transient failure by a fresh one on its last checkpoint,
-        after a capped, fully jittered backoff; fails the run past ``restart_budget``."""
-        old = self.tasks[index]
+    # -- membership ------------------------------------------------------------------------
+
+    def _rebalance(self, summary: RunSummary) -> list[Recovery]:
+        """Apply what the membership gained and lost since its last poll."""
+        gained, lost = self.membership.poll()
+        if not gained and not lost:
+            return []
+        summary.rebalances += 1
+        for partition in lost:
+            self._release(partition, summary)
+        recoveries = []
+        for partition in gained:
+            if self._held(partition) is not None:
+                continue
+            recovery = self._take(partition, summary)
+            recoveries.append(recovery)
+        log.info("rebalance: gained partitions %s, lost %s; now holding %s", _few(gained),
+                 _few(lost), _few([t.partition for t in self.tasks]))
+        return recoveries
+
+    def _held(self, partition: str) -> TaskRunner | None:
+        for task in self.tasks:
+            if task.partition == partition:
+                return task
+        return None
+
+    def _take(self, partition: str, summary: RunSummary) -> Recovery:
+        """Open the task of a gained partition (a new epoch fences its previous owner)."""
+        task = self._make_task(partition)
         try:
-            old.close()
+            recovery = task.open()
+        except UnavailableError as exc:
+            task, recovery = self._reopen(task, exc, summary)
+        log.info("%s", recovery.line())
+        self.tasks.append(task)
+        summary.recoveries.append(recovery)
+        summary.tasks_gained += 1
+        return recovery
+
+    def _release(self, partition: str, summary: RunSummary) -> None:
+        """Commit the task of a lost partition if it still can, and close it."""
+        task = self._held(partition)
+        if task is None:
+            return
+        try:
+            if task.has_uncommitted():
+                self._commit(task, summary)
+        except FencedError as exc:
+            summary.fenced += 1
+            log.warning("task %s: lost partition %s was already taken by another worker (%s); "
+                        "its uncommitted records are replayed there", task.task_id, partition,
+                        exc)
+        except UnavailableError as exc:
+            log.warning("task %s: could not commit lost partition %s (%s); the next owner "
+                        "replays its uncommitted records", task.task_id, partition, exc)
+        self._retire(task)
+        summary.tasks_released += 1
+        log.info("released task %s (partition %s)", task.task_id, partition)
+
+    def _hand_over(self, partitions: list[str]) -> None:
+        """Release handler given to a ``HandsOver`` membership: commit, then let go."""
+        if self._closing:
+            return
+        for partition in partitions:
+            self._release(partition, self._summary)
+
+    def _drop_fenced(self, task: TaskRunner, exc: FencedError, summary: RunSummary) -> None:
+        """A commit was refused: another worker owns the task now; stop running it here."""
+        summary.fenced += 1
+        log.warning("task %s is fenced: %s; dropping it here, nothing of its uncommitted "
+                    "work lands", task.task_id, exc)
+        self._retire(task)
+
+    def _retire(self, task: TaskRunner) -> None:
+        self.tasks.remove(task)
+        self._retired_replayed += task.records_replayed
+        if task.first_record_s is not None:
+            self._retired_first.append(task.first_record_s)
+        try:
+            task.close()
         except Exception:
-            log.exception("closing task %s after a failure failed", old.task_id)
+            log.exception("closing task %s failed", task.task_id)
+
+    # -- transient failures ----------------------------------------------------------------
+
+    def _restart(self, task: TaskRunner, failure: UnavailableError, summary: RunSummary) -> None:
+        """Replace a task that hit a transient failure by a fresh one on its last checkpoint."""
+        index = self.tasks.index(task)
+        try:
+            task.close()
+        except Exception:
+            log.exception("closing task %s after a failure failed", task.task_id)
+        new, recovery = self._reopen(task, failure, summary)
+        log.info("%s", recovery.line())
+        self.tasks[index] = new
+
+    def _reopen(self, old: TaskRunner, failure: UnavailableError,
+                summary: RunSummary) -> tuple[TaskRunner, Recovery]:
+        """Open ``old``'s partition again after a capped, fully jittered backoff; fails the run
+        past ``restart_budget`` failures in a row."""
         while True:
             count = self._failures.get(old.partition, 0) + 1
             self._failures[old.partition] = count
@@ -157,12 +287,11 @@ class Runtime:
             self._sleep(delay)
             task = self._make_task(old.partition)
             try:
-                log.info("%s", task.open().line())
+                recovery = task.open()
             except UnavailableError as exc:
                 failure = exc
                 continue
-            self.tasks[index] = task
-            return
+            return task, recovery
 
     def stop(self, reason: str = "stop requested") -> None:
         """Ask the run to finish its current batch, commit and return (thread-safe)."""
@@ -173,10 +302,11 @@ class Runtime:
         """Run until every bounded input is done or a stop is requested."""
         started = self._clock()
         self._run_started = started
-        summary = RunSummary()
+        summary = self._summary
         with self._signals():
             try:
-                summary.recoveries = self.open() if not self.tasks else []
+                if not self._joined:
+                    self.open()
                 while True:
                     self._loop(summary)
                     if self._commit_all(summary, force=True):
@@ -184,25 +314,32 @@ class Runtime:
             finally:
                 self._close()
         summary.elapsed_s = self._clock() - started
-        summary.records_replayed = sum(t.records_replayed for t in self.tasks)
-        firsts = [t.first_record_s for t in self.tasks if t.first_record_s is not None]
+        summary.records_replayed = self._retired_replayed + sum(
+            t.records_replayed for t in self.tasks)
+        firsts = self._retired_first + [
+            t.first_record_s for t in self.tasks if t.first_record_s is not None]
         summary.time_to_first_record_s = min(firsts) if firsts else None
         summary.stopped_by = self._stopped_by
         return summary
 
     def _loop(self, summary: RunSummary) -> None:
-        tasks = self.tasks
         last_report = self._clock()
         while not self._stop.is_set():
+            self._rebalance(summary)
             progressed = 0
-            for index, task in enumerate(tasks):
+            for task in list(self.tasks):  # a task may be replaced or dropped on the way
                 try:
                     n = task.step()
                     if task.commit_due():
                         self._commit(task, summary, wait=False)
                 except UnavailableError as exc:
-                    self._restart(index, exc, summary)
+                    self._restart(task, exc, summary)
                     progressed += 1
+                    continue
+                except FencedError as exc:
+                    if self._static:
+                        raise
+                    self._drop_fenced(task, exc, summary)
                     continue
                 progressed += n
                 summary.records_in += n
@@ -210,7 +347,7 @@ class Runtime:
                     log.info("first records processed %.1f ms after the run started",
                              (self._clock() - self._run_started) * 1e3)
             if not progressed:
-                if all(t.at_end for t in tasks):
+                if self._done():
                     return
                 self._commit_all(summary, force=False)
                 self._sleep(self.config.poll_interval_s)
@@ -218,27 +355,40 @@ class Runtime:
                 last_report = self._clock()
                 self._report(summary, last_report)
 
+    def _done(self) -> bool:
+        """A bounded run of every partition is done once each task read its input's end."""
+        return self._static and not self.config.follow and all(t.at_end for t in self.tasks)
+
     def _commit(self, task: TaskRunner, summary: RunSummary, *, wait: bool = True) -> None:
-        """Commit ``task`` (``wait=False``: pipelined, see ``TaskRunner.commit_async``); a
-        commit that became durable resets the task's count of restarts in a row."""
+        """Commit ``task`` (``wait=False``: pipelined, see ``TaskRunner.commit_async``). A
+        commit that became durable resets the task's count of restarts in a row, and its
+        positions go to the source as advice (a Kafka source commits them to the broker)."""
         began = self._clock()
         durable = task.commit() if wait else task.commit_async()
         summary.commit_s.append(self._clock() - began)
         summary.commits += 1
         self._last_commit = self._clock()
-        if durable is not None:
-            self._failures.pop(task.partition, None)
+        if durable is None:
+            return
+        self._failures.pop(task.partition, None)
+        advise = getattr(task.reader, "committed", None)
+        if advise is not None:
+            advise(durable.positions.get(task.partition))
 
     def _commit_all(self, summary: RunSummary, *, force: bool) -> bool:
         """Commit the tasks that are due (all with ``force``); False if one had to restart."""
         ok = True
-        for index, task in enumerate(self.tasks):
+        for task in list(self.tasks):
             if task.has_uncommitted() and (force or task.commit_due()):
                 try:
                     self._commit(task, summary)
                 except UnavailableError as exc:
-                    self._restart(index, exc, summary)
+                    self._restart(task, exc, summary)
                     ok = False
+                except FencedError as exc:
+                    if self._static:
+                        raise
+                    self._drop_fenced(task, exc, summary)
         summary.dead_letters = sum(t.stats.get("dead_letters", 0) for t in self.tasks)
         return ok
 
@@ -252,11 +402,19 @@ class Runtime:
                                 commits=summary.commits))
 
     def _close(self) -> None:
+        self._closing = True
         for task in self.tasks:
             try:
                 task.close()
             except Exception:
                 log.exception("closing task %s failed", task.task_id)
+        if self._joined:
+            try:
+                self.membership.leave()
+            except Exception:
+                log.exception("leaving %r failed; its partitions move after its timeout",
+                              self.membership)
+            self._joined = False
         if self._marks is not None:
             self._marks.close()
             self._marks = None
@@ -280,6 +438,22 @@ class Runtime:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+def _few(partitions: list[str]) -> str:
+    """A list of partitions for a log line, cut short when long."""
+    if len(partitions) <= 12:
+        return str(partitions)
+    return f"{partitions[:12]} and {len(partitions) - 12} more"
+
+
+def _default_membership(source: Source) -> Membership:
+    """The source's own membership (a consumer group), else every partition."""
+    make = getattr(source, "membership", None)
+    if callable(make):
+        membership: Membership = make()
+        return membership
+    return StaticMembership()
 
 
 def run(flow: Flow, store: Store | str | Path, config: RunConfig | None = None,

@@ -9,6 +9,14 @@ An at-least-once source (a broker after a reconnect or a rebalance) may also del
 records below the reader's position, or an earlier batch out of order, as long as it never
 skips one. The runtime drops every record below the task's position, by ``locate``, before it
 is processed: such a batch costs one comparison, an in-order batch nothing more.
+
+Positions may have gaps (a broker's transaction markers): a batch then starts at the reader's
+position and ``locate`` gives each record's own position, so nothing looks skipped.
+
+A reader may also define ``committed(position)``: the runtime calls it once a checkpoint of
+its task at ``position`` is durable (a broker records it as advice for other tools; it must
+never fail the task). A source may define ``membership()``: the ``Membership`` that decides
+which of its partitions this worker runs (a consumer group); the runtime uses it by default.
 """
 
 from __future__ import annotations
