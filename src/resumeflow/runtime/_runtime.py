@@ -64,6 +64,7 @@ class RunSummary:
     records_in: int = 0
     records_replayed: int = 0
     commits: int = 0
+    """Checkpoints that became durable (a pipelined commit counts once it is, not when cut)."""
     commit_s: list[float] = field(default_factory=list)
     dead_letters: int = 0
     restarts: int = 0
@@ -135,6 +136,7 @@ class Runtime:
         self._closing = False
         self._summary = RunSummary()
         self._retired_replayed = 0
+        self._retired_commits = 0
         self._retired_first: list[float] = []
         install_from_env()
 
@@ -248,6 +250,7 @@ class Runtime:
     def _retire(self, task: TaskRunner) -> None:
         self.tasks.remove(task)
         self._retired_replayed += task.records_replayed
+        self._retired_commits += task.commits_durable
         if task.first_record_s is not None:
             self._retired_first.append(task.first_record_s)
         try:
@@ -264,6 +267,7 @@ class Runtime:
             task.close()
         except Exception:
             log.exception("closing task %s after a failure failed", task.task_id)
+        self._retired_commits += task.commits_durable
         new, recovery = self._reopen(task, failure, summary)
         log.info("%s", recovery.line())
         self.tasks[index] = new
@@ -314,6 +318,7 @@ class Runtime:
             finally:
                 self._close()
         summary.elapsed_s = self._clock() - started
+        summary.commits = self._durable_commits()
         summary.records_replayed = self._retired_replayed + sum(
             t.records_replayed for t in self.tasks)
         firsts = self._retired_first + [
@@ -359,6 +364,9 @@ class Runtime:
         """A bounded run of every partition is done once each task read its input's end."""
         return self._static and not self.config.follow and all(t.at_end for t in self.tasks)
 
+    def _durable_commits(self) -> int:
+        return self._retired_commits + sum(t.commits_durable for t in self.tasks)
+
     def _commit(self, task: TaskRunner, summary: RunSummary, *, wait: bool = True) -> None:
         """Commit ``task`` (``wait=False``: pipelined, see ``TaskRunner.commit_async``). A
         commit that became durable resets the task's count of restarts in a row, and its
@@ -366,7 +374,7 @@ class Runtime:
         began = self._clock()
         durable = task.commit() if wait else task.commit_async()
         summary.commit_s.append(self._clock() - began)
-        summary.commits += 1
+        summary.commits = self._durable_commits()
         self._last_commit = self._clock()
         if durable is None:
             return

@@ -288,6 +288,8 @@ class TaskRunner:
         self.commit_latency_s: deque[float] = deque(maxlen=_TIMINGS_KEPT)
         """Per recent commit, from its cut until it was durable and finalized."""
         self.commit_stall_s: deque[float] = deque(maxlen=_TIMINGS_KEPT)
+        self.commits_durable = 0
+        """Checkpoints of this runner known to be durable and finalized."""
         """Per recent wait for a commit in flight, how long the task's thread waited."""
 
     @property
@@ -630,6 +632,7 @@ class TaskRunner:
         began = self._clock()
         self._pending = None  # its failure is raised once, here
         record = pending.result()
+        self.commits_durable += 1
         self._inflight_events = 0
         self.seq = record.seq
         self.digest = record.digest
