@@ -306,3 +306,52 @@ def test_task_ids_and_messages_print_verbatim(work: Any) -> None:
                       "nope:x:0", "--to", "1")
     assert rewind.returncode == 2
     assert "no task 'nope:x:0' in this store" in rewind.stderr
+
+
+# -- a PostgreSQL store -------------------------------------------------------------------
+
+
+def test_inspection_commands_read_a_postgresql_store_and_never_print_its_password(
+        work: Any, postgres_dsn: str) -> None:
+    """``status``, ``checkpoints list|verify|rewind`` take a PostgreSQL DSN and hide its
+    password."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from resumeflow.checkpoint import PostgresStore
+
+    events = work.events(2000, customers=7)
+    flow = rf.Flow("orders")
+    (flow.source(rf.sources.JsonLines(events.path))
+         .key_by(lambda e: e["customer"])
+         .reduce(lambda total, e: total + e["amount"], initial=0)
+         .sink(rf.sinks.JsonLinesSink(work.out)))
+    store = PostgresStore(postgres_dsn)
+    rf.run(flow, store, rf.RunConfig(replay_max_events=300,
+                                     dead_letter_path=str(work.root / "dead.jsonl")))
+    store.close()
+    # the test server trusts local connections, so a password in the DSN is accepted unused
+    dsn = make_conninfo(**{**conninfo_to_dict(postgres_dsn), "password": "s3cr3t-pw"})
+
+    as_json = work.cli("status", "--store", dsn, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    (task,) = json.loads(as_json.stdout)
+    assert task["task"] == "orders:events.jsonl:0"
+    assert task["positions"] == {"0": events.size} and task["state_keys"] == 7
+    seq = task["seq"]
+    assert seq >= 6
+
+    table = work.cli("status", "--store", dsn)
+    listed = work.cli("checkpoints", "list", "--store", dsn)
+    verified = work.cli("checkpoints", "verify", "--store", dsn)
+    for done in (table, listed, verified):
+        assert done.returncode == 0, done.stderr
+        assert "s3cr3t-pw" not in done.stdout + done.stderr
+    assert "orders:events.jsonl:0" in table.stdout
+    assert f"orders:events.jsonl:0 seq {seq} " in listed.stdout
+    assert "ok orders:events.jsonl:0" in verified.stdout
+
+    rewound = work.cli("checkpoints", "rewind", "--store", dsn, "--task",
+                       "orders:events.jsonl:0", "--to", str(seq - 2))
+    assert rewound.returncode == 0, rewound.stderr
+    after = work.cli("status", "--store", dsn, "--json")
+    assert json.loads(after.stdout)[0]["seq"] == seq - 2

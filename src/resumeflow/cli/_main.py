@@ -143,12 +143,41 @@ def _progress_line(p: Progress) -> None:
               f"last commit {age} ago", end="\r")
 
 
+def _open_existing(store: str) -> Any:
+    """The store ``--store`` names, for inspection: a SQLite file that must exist, or a
+    PostgreSQL database given by its DSN (``postgresql://...`` or ``host=... dbname=...``)."""
+    from ._worker import is_dsn, open_store
+
+    if is_dsn(store):
+        return open_store(store, keep_checkpoints=10)
+    return SQLiteStore(store, create=False)
+
+
+def _shown(store: str) -> str:
+    """``store`` as it may be printed: a DSN loses its password."""
+    from ._worker import is_dsn
+
+    if not is_dsn(store):
+        return store
+    try:
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    except ImportError:
+        return "PostgreSQL store"
+    try:
+        params = conninfo_to_dict(store)
+    except Exception:
+        return "PostgreSQL store"
+    params.pop("password", None)
+    return make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
+
+
 @main.command()
-@click.option("--store", default=DEFAULT_STORE, show_default=True)
+@click.option("--store", default=DEFAULT_STORE, show_default=True,
+              help="A SQLite store file, or a PostgreSQL DSN.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def status(store: str, as_json: bool) -> None:
     """Per task: positions, seq, epoch, last checkpoint age, state keys, dead letters."""
-    s = SQLiteStore(store, create=False)
+    s = _open_existing(store)
     now = time.time()
     rows = []
     for t in s.tasks():
@@ -166,7 +195,7 @@ def status(store: str, as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    table = Table(title=escape(f"store {store}"))
+    table = Table(title=escape(f"store {_shown(store)}"))
     for col in ("task", "epoch", "seq", "positions", "checkpoint age", "state keys",
                 "records in", "dead letters"):
         table.add_column(col)
@@ -191,7 +220,7 @@ def checkpoints() -> None:
 @click.option("--store", default=DEFAULT_STORE, show_default=True)
 def verify_cmd(store: str) -> None:
     """Walk every task's digest chain; exit 4 on any damage."""
-    s = SQLiteStore(store, create=False)
+    s = _open_existing(store)
     damaged = 0
     for t in s.tasks():
         problems = verify_chain(t.task, s.records(t.task))
@@ -212,7 +241,7 @@ def list_cmd(store: str) -> None:
     """List the kept checkpoints of every task."""
     from ..checkpoint import decode_record
 
-    s = SQLiteStore(store, create=False)
+    s = _open_existing(store)
     for t in s.tasks():
         for seq, raw in s.records(t.task):
             try:
@@ -233,7 +262,7 @@ def rewind_cmd(store: str, task: str, seq: int) -> None:
     _setup_logging(False)
     if seq < 1:
         raise click.BadParameter("--to must be a kept checkpoint seq (1 or more)")
-    s = SQLiteStore(store, create=False)
+    s = _open_existing(store)
     record = s.rewind(task, seq)
     s.close()
     assert record is not None
