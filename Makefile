@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: venv demo test lint bench bench-quick soak clean
+.PHONY: venv demo test lint bench bench-quick bench-kafka soak clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python bench/run.py --quick
+
+## bench-kafka: Kafka to Kafka against Quix Streams, replay after SIGKILL, 1 vs 3 workers
+bench-kafka: $(STAMP)
+	$(BIN)/python bench/kafka.py
 
 ## soak: a long run of the seeded fault simulator
 soak: $(STAMP)
