@@ -276,11 +276,11 @@ class KafkaSchedule(SQLiteSchedule):
 
 def kafka_plan(seed: int) -> FaultPlan:
     """The fault plan of ``seed`` for the Kafka schedule: the exactly-once plan the other
-    backends draw, with at least 6 faults, crash points at least 5% likely and takeovers at
-    least half of the drawn crash points (so that fenced zombie producers, the point of this
-    backend, appear within a few dozen schedules)."""
+    backends draw, with at least 6 faults, crash points at least 8% likely (the highest rate
+    the draw gives) and takeovers at least half of the drawn crash points, so that every crash
+    point, takeover point and fenced zombie producer appears within a few dozen schedules."""
     plan = FaultPlan.draw(seed, guarantee=GUARANTEE)
-    return replace(plan, faults=max(plan.faults, 6), crash_rate=max(plan.crash_rate, 0.05),
+    return replace(plan, faults=max(plan.faults, 6), crash_rate=max(plan.crash_rate, 0.08),
                    takeover_rate=max(plan.takeover_rate, 0.5))
 
 
