@@ -66,3 +66,14 @@ def test_the_kafka_simulator_catches_a_sink_that_ignores_its_marker(
             assert f"run_kafka_seed({seed}, bootstrap)" in result.message()
             break
     assert "duplicated" in kinds
+
+
+@pytest.mark.slow
+def test_a_kafka_schedule_replays_to_the_same_events(kafka: Any) -> None:
+    """Two runs of one seed on the broker, each on topics of its own, give the same event
+    fingerprint and counts (a zombie's fencing included), so a printed seed replays."""
+    for seed in (0, 4):
+        first = run_kafka_seed(seed, kafka.bootstrap)
+        again = run_kafka_seed(seed, kafka.bootstrap)
+        assert first.counts["kafka_fenced"] > 0
+        assert (again.fingerprint, again.counts) == (first.fingerprint, first.counts)
