@@ -77,3 +77,25 @@ def test_a_kafka_schedule_replays_to_the_same_events(kafka: Any) -> None:
         again = run_kafka_seed(seed, kafka.bootstrap)
         assert first.counts["kafka_fenced"] > 0
         assert (again.fingerprint, again.counts) == (first.fingerprint, first.counts)
+
+
+PG_SCHEDULES = 12
+"""About half a minute on this machine."""
+
+
+@pytest.mark.slow
+def test_kafka_schedules_on_postgres_keep_every_invariant(kafka: Any, postgres_dsn: str) -> None:
+    """12 seeded fault schedules with KafkaSink output and PostgresStore as the store leave
+    every record's effect in the topics exactly once and in order, with takeovers and
+    fenced zombie producers among them."""
+    pytest.importorskip("psycopg", reason="the postgres extra is not installed")
+    report = SimReport()
+    started = time.perf_counter()
+    for seed in range(PG_SCHEDULES):
+        result = run_kafka_seed(seed, kafka.bootstrap, dsn=postgres_dsn)
+        assert result.backend == "kafka (store postgres, output KafkaSink exactly-once)"
+        report.add(result)
+    report.wall_seconds = time.perf_counter() - started
+    print(f"\nkafka simulator on postgres: {report.summary()}")
+    report.check()
+    assert report.totals["takeovers"] > 0 and report.totals["kafka_fenced"] > 0

@@ -44,7 +44,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..checkpoint import StagedEntry
 from ..errors import FencedError
@@ -60,6 +60,9 @@ from ._simulate import ScheduleResult, _reference
 from ._sink import MemorySink
 from ._sqlite_sim import SQLiteBackend, SQLiteSchedule, _FlakySink, _FlakyWriter
 from ._workload import workload
+
+if TYPE_CHECKING:
+    from ._pg_sim import PostgresSchedule
 
 __all__ = ["KafkaSchedule", "kafka_plan", "run_kafka_seed"]
 
@@ -99,10 +102,20 @@ class _TopicPerTask:
         return writer
 
 
+class _Host(Protocol):
+    """The schedule a Kafka sink reports to."""
+
+    plan: FaultPlan
+    counts: dict[str, int]
+    in_kafka_finalize: bool
+
+    def note(self, text: str) -> None: ...
+
+
 class _KafkaFlakySink(_FlakySink):
     """Boundary failures as ``_FlakySink``; a finalize failure may instead hit mid-way."""
 
-    def __init__(self, inner: _TopicPerTask, schedule: KafkaSchedule) -> None:
+    def __init__(self, inner: _TopicPerTask, schedule: _Host) -> None:
         super().__init__(inner)
         self.schedule = schedule
         self.rng = random.Random(schedule.plan.seed * 7919 + 11)
@@ -153,6 +166,66 @@ class _KafkaFlakyWriter(_FlakyWriter):
             inner.fail_midway = False
 
 
+class _Topics:
+    """A schedule's Kafka side: a topic per task (created here), their ``KafkaSink`` s, the
+    published-seq markers, reading the output back, deleting the topics."""
+
+    def __init__(self, bootstrap: str, plan: FaultPlan, inputs: dict[str, list[Any]]) -> None:
+        if plan.guarantee != GUARANTEE:
+            raise ValueError(f"the Kafka schedule runs {GUARANTEE} plans, not "
+                             f"{plan.guarantee!r}")
+        self.bootstrap = bootstrap
+        self.seed = plan.seed
+        self.prefix = f"sim{plan.seed}-{secrets.token_hex(4)}"
+        self.topics = {p: f"rf-{self.prefix}-{p}" for p in inputs}
+        for topic in self.topics.values():
+            create_topic(bootstrap, topic)
+
+    def sink(self) -> _TopicPerTask:
+        return _TopicPerTask({
+            p: KafkaSink(topic, bootstrap=self.bootstrap, id_prefix=self.prefix,
+                         op_timeout_s=10.0, retry_budget_s=20.0, retry_backoff_base_s=0.01,
+                         retry_backoff_max_s=0.2, rng=random.Random(self.seed))
+            for p, topic in self.topics.items()})
+
+    def marker(self, partition: str, task: str) -> int:
+        """The published seq of ``task`` (reading ``partition``), as its marker group holds it
+        (0: none)."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        topic = self.topics[partition]
+        group = f"{self.prefix}:{topic}:{task}:out:published"
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": group,
+                             "enable.auto.commit": False})
+        try:
+            got = consumer.committed([TopicPartition(topic, 0)], timeout=10.0)
+        finally:
+            consumer.close()
+        return max(0, got[0].offset or 0)
+
+    def read(self, result: Outcome, tasks: dict[str, str], last: dict[str, int], *,
+             keyed: bool) -> list[Violation]:
+        """Put each task's topic, read with ``read_committed``, in ``result.output``; a
+        marker beyond the store's newest checkpoint (``last``) is a violation."""
+        found: list[Violation] = []
+        for partition, task in tasks.items():
+            messages = read_topic(self.bootstrap, self.topics[partition])
+            result.output[task] = [[m.key, m.value] if keyed else m.value for m in messages]
+            published = self.marker(partition, task)
+            if published > last.get(task, 0):
+                found.append(Violation(kind="error", task=task, detail=(
+                    f"the topic's published-seq marker is {published}, beyond the store's "
+                    f"newest checkpoint {last.get(task, 0)}")))
+        return found
+
+    def delete(self) -> None:
+        """Delete the topics (without waiting)."""
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        admin.delete_topics(list(self.topics.values()), operation_timeout=10.0)
+
+
 class KafkaSchedule(SQLiteSchedule):
     """A ``SQLiteSchedule`` whose output is ``KafkaSink`` (a topic per task) on ``bootstrap``;
     call ``cleanup()`` when done.
@@ -167,14 +240,7 @@ class KafkaSchedule(SQLiteSchedule):
 
     def __init__(self, build_flow: BuildFlow, inputs: dict[str, list[Any]], plan: FaultPlan,
                  *, bootstrap: str, trace: Callable[[str], None] | None = None) -> None:
-        if plan.guarantee != GUARANTEE:
-            raise ValueError(f"the Kafka schedule runs {GUARANTEE} plans, not "
-                             f"{plan.guarantee!r}")
-        self.bootstrap = bootstrap
-        self.prefix = f"sim{plan.seed}-{secrets.token_hex(4)}"
-        self.topics = {p: f"rf-{self.prefix}-{p}" for p in inputs}
-        for topic in self.topics.values():
-            create_topic(bootstrap, topic)
+        self.kafka = _Topics(bootstrap, plan, inputs)
         self.in_kafka_finalize = False
         super().__init__(build_flow, inputs, plan, backend=SQLiteBackend(sink="jsonl"),
                          trace=trace)
@@ -190,16 +256,11 @@ class KafkaSchedule(SQLiteSchedule):
     def _event(self, text: str) -> None:
         # The prefix is random (topics of one broker are never reused): replays of a seed
         # must give the same fingerprint.
-        super()._event(text.replace(self.prefix, "$PREFIX"))
+        super()._event(text.replace(self.kafka.prefix, "$PREFIX"))
 
     def _make_sinks(self, sink_type: type[MemorySink]) -> tuple[FaultySink, FaultySink]:
-        sinks = {p: KafkaSink(topic, bootstrap=self.bootstrap, id_prefix=self.prefix,
-                              op_timeout_s=10.0, retry_budget_s=20.0,
-                              retry_backoff_base_s=0.01, retry_backoff_max_s=0.2,
-                              rng=random.Random(self.plan.seed))
-                 for p, topic in self.topics.items()}
         dead = JsonLinesSink(self.directory / "dead" / "{partition}.jsonl")
-        return _KafkaFlakySink(_TopicPerTask(sinks), self), _FlakySink(dead)
+        return _KafkaFlakySink(self.kafka.sink(), self), _FlakySink(dead)
 
     def _crash_point(self, point: str) -> None:
         if point == "sink.finalize.partial" and not self.in_kafka_finalize:
@@ -215,69 +276,39 @@ class KafkaSchedule(SQLiteSchedule):
     def _retire(self, runner: TaskRunner, *, crashed: bool) -> None:
         store = self._stores.get(runner)
         if crashed and store is not None and store.torn is None and \
-                store.last_commit is not None:
-            task, seq = store.last_commit
-            published = self._marker(runner.partition)
-            if published >= seq:
-                # Kafka's output cannot be taken back: losing a checkpoint whose output is
-                # published duplicates it (docs/ARCHITECTURE.md, Kafka sink, "Edges").
-                store.last_commit = None
-                self._event(f"no tear at rest of {task} seq {seq}: its output is published "
-                            f"(marker {published})")
+                store.last_commit is not None and self._published(runner, *store.last_commit):
+            store.last_commit = None
         super()._retire(runner, crashed=crashed)
+
+    def _published(self, runner: TaskRunner, task: str, seq: int) -> bool:
+        """Whether checkpoint ``seq`` is published: then it is not torn at rest, since
+        Kafka's output cannot be taken back and losing that checkpoint duplicates it
+        (docs/ARCHITECTURE.md, "Kafka sink", edges)."""
+        published = self.kafka.marker(runner.partition, task)
+        if published >= seq:
+            self._event(f"no tear at rest of {task} seq {seq}: its output is published "
+                        f"(marker {published})")
+        return published >= seq
 
     # -- results ---------------------------------------------------------------------------
 
     def outcome(self) -> tuple[Outcome, list[Violation]]:
         result, found = super().outcome()  # store side; no output files: output is Kafka's
-        markers = self._markers()
-        last = {t: s.record.seq if s.record else 0 for t, s in self._store_status().items()}
-        for partition, task in self.task_of.items():
-            messages = read_topic(self.bootstrap, self.topics[partition])
-            keyed = self.flow.keyed
-            result.output[task] = [[m.key, m.value] if keyed else m.value for m in messages]
-            published = markers.get(partition, 0)
-            if published > last.get(task, 0):
-                found.append(Violation(kind="error", task=task, detail=(
-                    f"the topic's published-seq marker is {published}, beyond the store's "
-                    f"newest checkpoint {last.get(task, 0)}")))
-        return result, found
-
-    def _store_status(self) -> dict[str, Any]:
         from ..checkpoint import SQLiteStore
 
         store = SQLiteStore(self.database, keep_checkpoints=self.plan.keep_checkpoints,
                             create=False)
         try:
-            return {s.task: s for s in store.tasks()}
+            last = {s.task: s.record.seq if s.record else 0 for s in store.tasks()}
         finally:
             store.close()
-
-    def _markers(self) -> dict[str, int]:
-        """Each task's published seq, as its marker group holds it."""
-        return {partition: self._marker(partition) for partition in self.task_of}
-
-    def _marker(self, partition: str) -> int:
-        """The published seq of the task of ``partition`` (0: none)."""
-        from confluent_kafka import Consumer, TopicPartition
-
-        topic = self.topics[partition]
-        group = f"{self.prefix}:{topic}:{self.task_of[partition]}:out:published"
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": group,
-                             "enable.auto.commit": False})
-        try:
-            got = consumer.committed([TopicPartition(topic, 0)], timeout=10.0)
-        finally:
-            consumer.close()
-        return max(0, got[0].offset or 0)
+        found += self.kafka.read(result, self.task_of, last, keyed=self.flow.keyed)
+        return result, found
 
     def cleanup(self) -> None:
         """Remove the directory and delete the schedule's topics (without waiting)."""
         super().cleanup()
-        from confluent_kafka.admin import AdminClient
-
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
-        admin.delete_topics(list(self.topics.values()), operation_timeout=10.0)
+        self.kafka.delete()
 
 
 def kafka_plan(seed: int) -> FaultPlan:
@@ -290,15 +321,23 @@ def kafka_plan(seed: int) -> FaultPlan:
                    takeover_rate=max(plan.takeover_rate, 0.5))
 
 
-def run_kafka_seed(seed: int, bootstrap: str, *,
+def run_kafka_seed(seed: int, bootstrap: str, *, dsn: str | None = None,
                    trace: Callable[[str], None] | None = None) -> ScheduleResult:
     """Run the built-in workload and exactly-once fault plan of ``seed`` with ``KafkaSink``
-    output on the broker at ``bootstrap`` and check it against the memory reference."""
+    output on the broker at ``bootstrap`` and check it against the memory reference; the
+    store is SQLite, or ``PostgresStore`` on ``dsn`` when given."""
     started = time.perf_counter()
     _, build, inputs = workload(seed)
     plan = kafka_plan(seed)
     reference = _reference(build, inputs, plan.guarantee, seed)
-    schedule = KafkaSchedule(build, inputs, plan, bootstrap=bootstrap, trace=trace)
+    schedule: SQLiteSchedule | PostgresSchedule
+    if dsn is None:
+        schedule = KafkaSchedule(build, inputs, plan, bootstrap=bootstrap, trace=trace)
+    else:
+        from ._kafka_pg_sim import KafkaPgSchedule  # needs psycopg
+
+        schedule = KafkaPgSchedule(build, inputs, plan, bootstrap=bootstrap, dsn=dsn,
+                                   trace=trace)
     try:
         violations = schedule.run()
         try:
@@ -317,6 +356,7 @@ def run_kafka_seed(seed: int, bootstrap: str, *,
         plan=plan, violations=violations, sim_seconds=schedule.clock.monotonic(),
         counts=dict(schedule.counts), duplicates=result.duplicates,
         replays=list(schedule.observed.replays), fingerprint=schedule.fingerprint,
-        replay=f"run_kafka_seed({seed}, bootstrap) or `python -m resumeflow.testing replay "
-               f"--seed {seed} --backend kafka`",
+        replay=f"run_kafka_seed({seed}, bootstrap)" if dsn else (
+            f"run_kafka_seed({seed}, bootstrap) or `python -m resumeflow.testing replay "
+            f"--seed {seed} --backend kafka`"),
         backend=schedule.describe(), wall_seconds=time.perf_counter() - started)
