@@ -23,7 +23,15 @@ Faults, drawn from the plan as for the other backends, and what they mean here:
   checkpoint's records are produced in the transaction, then sending the marker offset fails
   with a transport error, so the transaction is left open and the producer retired;
 * failed, slow and torn store commits, killed compactions, redelivered, reordered and
-  stalled input: as on the SQLite backend.
+  stalled input: as on the SQLite backend, except that a checkpoint whose output is already
+  published (its marker is at or beyond it) is never torn at rest after a crash: Kafka's
+  output cannot be taken back, so losing that checkpoint duplicates it, a documented edge of
+  the sink (docs/ARCHITECTURE.md, "Kafka sink"); the simulator shows it when allowed. A record
+  torn by the commit that wrote it (the process dies before finalize) is drawn as usual.
+
+Plans are the other backends' exactly-once plans with more crashes and takeovers
+(``kafka_plan``), so that a few dozen schedules reach every point. ``KafkaPgSchedule``
+(``_kafka_pg_sim``) runs the same on ``PostgresStore``.
 
 The guarantee is exactly-once (the at-least-once Kafka producer's output has no per-commit
 byte range the checker could attribute, so its duplicates could not be told from errors).
