@@ -7,7 +7,9 @@ schedules and a progress line every few seconds. ``--backend`` picks where sched
 ``memory`` (the default of ``run`` and ``replay``), ``sqlite`` (``SQLiteStore`` with
 JSON-lines and SQLite-table sinks in a temporary directory; ``--sink`` forces one sink,
 ``--compaction eager`` compacts after every commit) or ``both`` (each seed on each: the
-default of ``soak``). ``--jobs`` runs seeds in that many processes.
+default of ``soak``). ``--jobs`` runs seeds in that many processes. ``--backend kafka`` runs
+the exactly-once schedules with ``KafkaSink`` output (``_kafka_sim``) on a Kafka broker it
+starts itself (or the one at ``--bootstrap``), one seed after another.
 Every command prints schedules per second and the ratio of simulated time to wall time.
 """
 
@@ -148,14 +150,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sub in (run, soak, replay):
         sub.add_argument("--guarantee", choices=["exactly-once", "at-least-once"])
         sub.add_argument("--backend", default="both" if sub is soak else "memory",
-                         choices=["memory", "sqlite"] + (["both"] if sub is not replay else []),
+                         choices=["memory", "sqlite", "kafka"]
+                         + (["both"] if sub is not replay else []),
                          help="memory backends, SQLiteStore with real sinks, or both "
-                              "(default: both for soak, else memory)")
+                              "(default: both for soak, else memory); kafka: KafkaSink "
+                              "output on a real broker")
+        sub.add_argument("--bootstrap", help="kafka backend: a running broker (default: "
+                         "start one)")
         sub.add_argument("--sink", choices=SINK_KINDS,
                          help="sqlite backend: this output sink (default: drawn per seed)")
         sub.add_argument("--compaction", choices=["thread", "eager"], default="thread",
                          help="sqlite backend: background compactor, or compact every commit")
     args = parser.parse_args(argv)
+    if args.backend == "kafka":
+        return _kafka(args)
     if args.command == "replay":
         return _replay(args.seed, args.guarantee, _backends(args)[0], trace=not args.quiet)
     reports = run_campaign(args.schedules, args.seed, backends=_backends(args),
@@ -191,3 +199,52 @@ def _replay(seed: int, guarantee: str | None, backend: Backend, *, trace: bool) 
         return 1
     print("no violations")
     return 0
+
+
+def _kafka(args: argparse.Namespace) -> int:
+    """``run``, ``soak`` or ``replay`` on the Kafka backend."""
+    from ._kafka_broker import KafkaBroker
+    from ._kafka_sim import run_kafka_seed
+
+    if args.guarantee == "at-least-once":
+        print("the kafka backend runs exactly-once schedules; drop --guarantee",
+              file=sys.stderr)
+        return 2
+    broker = None
+    bootstrap = args.bootstrap
+    try:
+        if bootstrap is None:
+            print("starting a Kafka broker on 127.0.0.1 ...", flush=True)
+            broker = KafkaBroker().start()
+            bootstrap = broker.bootstrap
+        if args.command == "replay":
+            result = run_kafka_seed(args.seed, bootstrap,
+                                    trace=None if args.quiet else print)
+            print(f"backend {result.backend}; counts {result.counts}; replays "
+                  f"{result.replays}; simulated {result.sim_seconds:.3f} s in "
+                  f"{result.wall_seconds:.3f} s wall")
+            print(f"fingerprint {result.fingerprint}")
+            print(result.message() if result.violations else "no violations")
+            return 1 if result.violations else 0
+        report = SimReport()
+        started = last = time.perf_counter()
+        for seed in range(args.seed, args.seed + args.schedules):
+            result = run_kafka_seed(seed, bootstrap)
+            report.add(result)
+            if result.violations:
+                print(result.message(), file=sys.stderr, flush=True)
+                if args.stop_on_failure:
+                    break
+            report.wall_seconds = time.perf_counter() - started
+            if args.command == "soak" and report.wall_seconds - last >= 10.0:
+                last = report.wall_seconds
+                print(f"... {report.summary()}", flush=True)
+        report.wall_seconds = time.perf_counter() - started
+        print(report.summary())
+        if report.failures:
+            print(f"FAILED: seeds {[f.seed for f in report.failures[:20]]}; replay one with "
+                  f"`{report.failures[0].replay}`")
+        return 1 if report.failures else 0
+    finally:
+        if broker is not None:
+            broker.close()
