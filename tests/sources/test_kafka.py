@@ -127,8 +127,13 @@ def test_bounded_run_commits_offsets_and_advises_the_broker(kafka: Any, tmp_path
     store.close()
     assert positions == {"0": {"0": 11}, "1": {"1": 5}}
     probe = Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": f"g-{topic}"})
+    deadline = time.monotonic() + 20  # the advice is committed asynchronously
     try:
-        committed = probe.committed([TopicPartition(topic, p) for p in (0, 1)], timeout=10)
+        while True:
+            committed = probe.committed([TopicPartition(topic, p) for p in (0, 1)], timeout=10)
+            if [tp.offset for tp in committed] == [11, 5] or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
     finally:
         probe.close()
     assert [tp.offset for tp in committed] == [11, 5]
