@@ -105,12 +105,17 @@ def main() -> None:
         runtime = rf.Runtime(flow, store, rf.RunConfig(follow=True))
 
     def watchdog() -> None:
+        """Stop once neither processing nor publishing moved for ``IDLE_S`` (a slow sink may
+        hold the task thread longer than that while a big window is published)."""
         began = time.perf_counter()
+        last_progress, moved_at = -1, began
         while True:
             time.sleep(0.25)
-            last = seen["last"] or began
-            if time.perf_counter() - last > IDLE_S and (seen["n"] or
-                                                       time.perf_counter() - began > 60):
+            now = time.perf_counter()
+            progress = seen["n"] + int.from_bytes(counter[8:16], "little")
+            if progress != last_progress:
+                last_progress, moved_at = progress, now
+            if now - moved_at > IDLE_S and (seen["n"] or now - began > 60):
                 runtime.stop("idle")
                 return
 
