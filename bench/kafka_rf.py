@@ -29,6 +29,8 @@ from resumeflow.sinks import KafkaSink
 from resumeflow.sources import KafkaSource
 
 IDLE_S = 3.0
+SLOW_IDLE_S = 20.0
+"""With the slow sink, one publication of a full window can hold the task thread this long."""
 
 
 _IO = threading.Lock()
@@ -108,6 +110,7 @@ def main() -> None:
         """Stop once neither processing nor publishing moved for ``IDLE_S`` (a slow sink may
         hold the task thread longer than that while a big window is published)."""
         began = time.perf_counter()
+        idle_s = SLOW_IDLE_S if delay_s else IDLE_S
         last_progress, moved_at = -1, began
         while True:
             time.sleep(0.25)
@@ -115,7 +118,7 @@ def main() -> None:
             progress = seen["n"] + int.from_bytes(counter[8:16], "little")
             if progress != last_progress:
                 last_progress, moved_at = progress, now
-            if now - moved_at > IDLE_S and (seen["n"] or now - began > 60):
+            if now - moved_at > idle_s and (seen["n"] or now - began > 60):
                 runtime.stop("idle")
                 return
 
