@@ -316,7 +316,9 @@ def _write(opts: argparse.Namespace, records: int, rounds: int, seconds: dict[st
     rate = {name: records / s for name, s in med.items()}
     revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                               capture_output=True, text=True, check=False).stdout.strip()
-    command = "python bench/kafka.py" + (" --quick" if opts.quick else "")
+    command = "python bench/kafka.py" + (" --quick" if opts.quick else "") + \
+        (f" --records {opts.records}" if opts.records else "") + \
+        (f" --rounds {opts.rounds}" if opts.rounds else "")
     lines = [
         BEGIN,
         f"## Kafka: resumeflow against Quix Streams {QUIX_VERSION}, and scale-out",
