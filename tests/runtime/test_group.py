@@ -152,6 +152,17 @@ class Cluster:
                 w.kill()
                 w.wait()
 
+    def committed(self) -> set[int]:
+        """Partitions whose task has a commit record in the shared store."""
+        from resumeflow.cli._worker import open_store
+
+        store = open_store(self.dsn, keep_checkpoints=10)
+        try:
+            return {int(t.task.rsplit(":", 1)[1]) for t in store.tasks()
+                    if t.record is not None and t.record.seq > 0}
+        finally:
+            store.close()
+
     def held(self, index: int) -> set[int]:
         """Partitions a worker holds, from its log."""
         held: set[int] = set()
@@ -268,6 +279,7 @@ def test_sigkilled_worker_partitions_move_and_output_is_exactly_once(
         c.start()
     c.wait(lambda: all(c.held(i) for i in range(3)), "every worker to hold partitions")
     c.wait(lambda: c.progress() >= c.total // 5, "a fifth of the output")
+    c.wait(lambda: bool(c.held(0) & c.committed()), "a commit of a partition worker 0 holds")
     victim = c.held(0)
     c.signal(0, signal.SIGKILL)
     c.workers[0].wait()

@@ -228,7 +228,8 @@ def _kill_loop(spec: str, store: Path, extra: list[str], env: dict[str, str],
                 point = rng.choice(CRASH_POINTS)
                 run_env["RESUMEFLOW_CRASH_AT"] = f"{point}:{rng.randint(1, 3)}"
             else:
-                kill_after = startup + rng.uniform(0.0, processing / kills)
+                # at most half the input's time in all, so runs keep input for every kill
+                kill_after = startup + rng.uniform(0.0, processing / (2 * kills))
         run = _spawn(_command(spec, store, extra), run_env, kill_after)
         if report.runs:
             if run.replayed is not None:
