@@ -186,6 +186,9 @@ class KafkaSource:
         self._readers: dict[int, _KafkaReader] = {}
         self._group: KafkaGroup | None = None
         self._commit_failures = 0
+        self._advice: dict[int, int] = {}
+        """Advised offsets the broker has not acknowledged yet, per partition."""
+        self._advice_failed = False
         self._transient_logged: dict[int, tuple[float, int]] = {}
 
     def __repr__(self) -> str:
@@ -227,8 +230,27 @@ class KafkaSource:
     def _release_consumer(self) -> None:
         """Close the consumer once nothing uses it (no group, no open reader)."""
         if self._consumer is not None and self._group is None and not self._readers:
+            self.flush_advice()
             consumer, self._consumer = self._consumer, None
             consumer.close()
+
+    def flush_advice(self) -> None:
+        """Before the consumer closes: wait (at most ``min(timeout_s, 5)`` s) until the
+        broker acknowledged every advised offset, re-sending those that failed. Closing the
+        client drops commits still waiting for the group coordinator, and the last advice of
+        a run is the one lag monitors need."""
+        consumer = self._consumer
+        if consumer is None or not self._advice:
+            return
+        deadline = time.monotonic() + min(self.timeout_s, 5.0)
+        while self._advice and time.monotonic() < deadline:
+            if self._advice_failed:
+                self._advice_failed = False
+                self._send_advice(dict(self._advice))
+            consumer.poll(0.05)  # serves the commit callbacks
+        if self._advice:
+            log.warning("%r: advisory offsets %s not acknowledged before closing; our commit "
+                        "records stay the truth", self, dict(sorted(self._advice.items())))
 
     def retry(self, what: str, call: Callable[[], _T]) -> _T:
         """``call()``, retrying transient failures with capped, fully jittered backoff."""
@@ -280,7 +302,12 @@ class KafkaSource:
 
     def _on_commit(self, err: KafkaError | None, offsets: list[TopicPartition]) -> None:
         if err is None:
+            for tp in offsets:
+                if tp.error is None and tp.topic == self.topic and \
+                        tp.offset >= self._advice.get(tp.partition, tp.offset + 1):
+                    del self._advice[tp.partition]
             return
+        self._advice_failed = True
         self._commit_failures += 1
         if self._commit_failures == 1 or self._commit_failures % 100 == 0:
             log.warning("%r: advisory offset commit failed (%d so far): %s; our commit "
@@ -426,13 +453,19 @@ class KafkaSource:
 
     def advise(self, number: int, offset: int) -> None:
         """Commit ``offset`` to the broker, asynchronously, as advice for other tools."""
+        if self._consumer is None:
+            return
+        self._advice[number] = offset
+        self._send_advice({number: offset})
+
+    def _send_advice(self, offsets: Mapping[int, int]) -> None:
         from confluent_kafka import KafkaException, TopicPartition
 
         if self._consumer is None:
             return
         try:
-            self._consumer.commit(offsets=[TopicPartition(self.topic, number, offset)],
-                                  asynchronous=True)
+            self._consumer.commit(offsets=[TopicPartition(self.topic, n, o)
+                                           for n, o in offsets.items()], asynchronous=True)
         except KafkaException as exc:
             self._on_commit(exc.args[0] if exc.args else None, [])
 

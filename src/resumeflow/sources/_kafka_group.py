@@ -75,6 +75,7 @@ class KafkaGroup:
         source = self.source
         for reader in list(source._readers.values()):
             reader.close()
+        source.flush_advice()
         consumer = source._consumer
         if consumer is not None:
             consumer.close()  # leaves the group at once: the others take over without waiting
