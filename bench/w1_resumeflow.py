@@ -45,7 +45,7 @@ class NullStore:
     def open_task(self, task: str) -> OpenedTask:
         return OpenedTask(task=task, task_no=1, epoch=1, record=None)
 
-    def load_state(self, task_no: int, key: bytes) -> bytes | None:
+    def load_state(self, task_no: int, key: bytes, epoch: int | None = None) -> bytes | None:
         return None
 
     def commit(self, opened: OpenedTask, record: CommitRecord,

@@ -67,3 +67,32 @@ def test_older_runtime_run_stops_with_fenced_error(work: Any) -> None:
     assert work.output("jsonl") == []
     new.run()
     assert work.output("jsonl") == events.running_totals()
+
+
+def test_older_runtime_cannot_read_state_the_new_owner_committed(work: Any) -> None:
+    """A fenced runtime's cold state read raises FencedError instead of returning what the
+    new owner committed (which it would fold its own records into a second time)."""
+    events = work.events(3000)
+    first = rf.Runtime(work.flow(events), work.store, CONFIG)
+    first.open()
+    (first_task,) = first.tasks
+    assert first_task.step() > 0
+    first_task.commit()  # seq 1: state for the keys read so far
+    first_task.close()
+    first.store.close()
+
+    old = rf.Runtime(work.flow(events), work.store, CONFIG)
+    old.open()  # its state is cold: every key it reads is looked up in the store
+    new = rf.Runtime(work.flow(events), work.store, CONFIG)
+    new.open()
+    (new_task,) = new.tasks
+    assert new_task.step() > 0
+    new_task.commit()  # the new owner's state is in the store now
+
+    (old_task,) = old.tasks
+    with pytest.raises(FencedError, match="may not read its state"):
+        old_task.step()
+    old_task.close()
+    old.store.close()
+    new.run()
+    assert work.output("jsonl") == events.running_totals()

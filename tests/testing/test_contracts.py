@@ -48,6 +48,11 @@ class _NoFencing(MemoryStore):
         return None
 
 
+class _StaleReads(MemoryStore):
+    def load_state(self, task_no: int, key: bytes, epoch: int | None = None) -> bytes | None:
+        return super().load_state(task_no, key)  # ignores the reader's epoch
+
+
 class _LosesStaging(MemoryStore):
     def open_task(self, task: str) -> Any:
         opened = super().open_task(task)
@@ -67,10 +72,12 @@ class _NotAtomic(MemoryStore):
 @pytest.mark.parametrize(("broken", "rule"), [
     (_NoFencing, "stale epoch"),
     (_LosesStaging, "staged"),
+    (_StaleReads, "read with a stale epoch"),
     (_NotAtomic, "refused stale-epoch commit|crash inside commit"),
 ])
 def test_check_store_catches_broken_stores(broken: type[MemoryStore], rule: str) -> None:
-    """check_store fails, naming the rule, on a store without fencing, staging or atomicity."""
+    """check_store fails, naming the rule, on a store without fencing (of commits or of
+    reads), staging or atomicity."""
     with pytest.raises(AssertionError, match=rule):
         check_store(broken)
 

@@ -257,12 +257,19 @@ class PostgresStore:
 
     # -- state -----------------------------------------------------------------------------
 
-    def load_state(self, task_no: int, key: bytes) -> bytes | None:
+    def load_state(self, task_no: int, key: bytes, epoch: int | None = None) -> bytes | None:
         upto = self._upto.get(task_no, _NO_BOUND)
 
         def read(conn: psycopg.Connection[Any]) -> bytes | None:
-            row = conn.execute(self._sql.load, (task_no, key, upto)).fetchone()
-            return None if row is None or row[0] is None else bytes(row[0])
+            row = conn.execute(self._sql.load, (task_no, task_no, key, upto)).fetchone()
+            if row is None:
+                return None
+            if epoch is not None and row[0] is not None and int(row[0]) != epoch:
+                raise FencedError(
+                    f"task #{task_no} is owned by epoch {row[0]}; this worker holds epoch "
+                    f"{epoch} and may not read its state any more. Stop this worker: another "
+                    "one took the task")
+            return None if row[1] is None else bytes(row[1])
 
         value = self._read("reading state", read)
         self.rows_read += 1
@@ -459,8 +466,10 @@ class _Sql:
                            "VALUES (%s, %s, %s, %s)")
         self.staged = (f"SELECT sink, seq, meta, payload FROM {s}.staged WHERE task_no = %s "
                        "AND seq <= %s ORDER BY seq, sink")
-        self.load = (f"SELECT value FROM {s}.state WHERE task_no = %s AND key = %s AND "
-                     "seq <= %s ORDER BY seq DESC LIMIT 1")
+        # One statement, one snapshot: the owner's epoch and the value.
+        self.load = (f"SELECT (SELECT epoch FROM {s}.tasks WHERE task_no = %s), "
+                     f"(SELECT value FROM {s}.state WHERE task_no = %s AND key = %s AND "
+                     "seq <= %s ORDER BY seq DESC LIMIT 1)")
         self.insert_delta = (f"INSERT INTO {s}.state (task_no, key, seq, value) "
                              "SELECT %s, k, %s, v FROM unnest(%b::bytea[], %b::bytea[]) "
                              "AS u(k, v)")

@@ -307,8 +307,25 @@ class SQLiteStore:
             self._reader = db
         return db
 
-    def load_state(self, task_no: int, key: bytes) -> bytes | None:
+    def load_state(self, task_no: int, key: bytes, epoch: int | None = None) -> bytes | None:
         db = self._read_connection()
+        value = self._load_state(db, task_no, key)
+        if epoch is not None:
+            # The epoch is read after the value: if it is still ours, the value was read
+            # before any new owner took the task, so before any of its commits. (One read
+            # transaction around both would pin a snapshot older than the tail index's
+            # lock, and the index could then miss a delta committed in between.)
+            owner = db.execute("SELECT epoch FROM tasks WHERE task_no = ?",
+                               (task_no,)).fetchone()
+            self.rows_read += 1
+            if owner is not None and int(owner[0]) != epoch:
+                raise FencedError(
+                    f"task #{task_no} is owned by epoch {owner[0]}; this worker holds epoch "
+                    f"{epoch} and may not read its state any more. Stop this worker: another "
+                    "one took the task")
+        return value
+
+    def _load_state(self, db: sqlite3.Connection, task_no: int, key: bytes) -> bytes | None:
         found, value, rows = self._recent.lookup(db, task_no, key)
         self.rows_read += rows
         if found:

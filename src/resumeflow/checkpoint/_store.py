@@ -87,8 +87,11 @@ class Store(Protocol):
         """Take ``task`` with a new epoch; a crash here leaves at most a bumped epoch."""
         ...
 
-    def load_state(self, task_no: int, key: bytes) -> bytes | None:
-        """The committed value of one key, or ``None`` when it has none."""
+    def load_state(self, task_no: int, key: bytes, epoch: int | None = None) -> bytes | None:
+        """The committed value of one key, or ``None`` when it has none. With ``epoch``
+        (the reader's), raises ``FencedError`` when the task is owned by another epoch, as
+        read after the value (or in the same snapshot): a fenced worker never computes from
+        state a newer owner wrote."""
         ...
 
     def commit(

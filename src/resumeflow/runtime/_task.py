@@ -331,7 +331,9 @@ class TaskRunner:
         return recovery
 
     def _open_states(self) -> dict[str, KeyedState]:
-        load = partial(self.store.load_state, self.opened.task_no)
+        # The epoch makes a cold read of a fenced owner fail instead of returning what the
+        # new owner committed (which a zombie would fold its records into a second time).
+        load = partial(self.store.load_state, self.opened.task_no, epoch=self.opened.epoch)
         return {
             op.name: KeyedState(load, namespace=op.name, max_hot_keys=self.config.max_hot_keys,
                                 keys_committed=self.stats.get(f"keys:{op.name}", 0),

@@ -50,8 +50,9 @@ def _staged(seq: int) -> StagedEntry:
     return StagedEntry(sink="out", seq=seq, meta={"seq": seq}, payload=f"out-{seq}".encode())
 
 
-def _state(store: Store, opened: OpenedTask, key: bytes, want: bytes | None, when: str) -> None:
-    got = store.load_state(opened.task_no, key)
+def _state(store: Store, opened: OpenedTask, key: bytes, want: bytes | None, when: str, *,
+           epoch: int | None = None) -> None:
+    got = store.load_state(opened.task_no, key, epoch)
     if got != want:
         _fail(f"{when}: load_state({key!r}) is {got!r}, expected {want!r}")
 
@@ -106,6 +107,14 @@ def _lifecycle(store: Store) -> None:
     if third.record != r1:
         _fail("a refused stale-epoch commit changed the newest record")
     _state(store, third, b"k1", b"1", "after a refused stale-epoch commit")
+    _state(store, third, b"k1", b"1", "read with the owner's epoch", epoch=third.epoch)
+    try:
+        got = store.load_state(first.task_no, b"k1", first.epoch)
+    except FencedError:
+        pass
+    else:
+        _fail(f"a read with a stale epoch returned {got!r}; it must raise FencedError (a "
+              "fenced worker would fold its records into the new owner's state)")
     r2 = _record(third, 2, r1)
     store.commit(third, r2, [(b"k1", b"1b"), (b"k2", None)], [], [("out", 1)])
     _state(store, third, b"k2", None, "a key deleted (tombstone) at seq 2")

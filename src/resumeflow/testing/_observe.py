@@ -142,8 +142,8 @@ class ObservedStore:
         seen.seq, seen.position = seq, position
         return opened
 
-    def load_state(self, task_no: int, key: bytes) -> bytes | None:
-        return self.inner.load_state(task_no, key)
+    def load_state(self, task_no: int, key: bytes, epoch: int | None = None) -> bytes | None:
+        return self.inner.load_state(task_no, key, epoch)
 
     def commit(self, opened: OpenedTask, record: CommitRecord,
                delta: Sequence[tuple[bytes, bytes | None]], staged: Sequence[StagedEntry],

@@ -128,10 +128,14 @@ class MemoryStore:
 
     # -- state -----------------------------------------------------------------------------
 
-    def load_state(self, task_no: int, key: bytes) -> bytes | None:
+    def load_state(self, task_no: int, key: bytes, epoch: int | None = None) -> bytes | None:
         self._check_open()
         self.rows_read += 1
-        versions = self._by_no[task_no].versions.get(key)
+        row = self._by_no[task_no]
+        if epoch is not None and row.epoch != epoch:
+            raise FencedError(f"task {row.task!r} is owned by epoch {row.epoch}; this worker "
+                              f"holds epoch {epoch} and may not read its state any more")
+        versions = row.versions.get(key)
         return versions[-1][1] if versions else None
 
     def snapshot(self, task: str) -> dict[bytes, bytes]:
