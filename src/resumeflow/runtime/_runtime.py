@@ -369,8 +369,8 @@ class Runtime:
 
     def _commit(self, task: TaskRunner, summary: RunSummary, *, wait: bool = True) -> None:
         """Commit ``task`` (``wait=False``: pipelined, see ``TaskRunner.commit_async``). A
-        commit that became durable resets the task's count of restarts in a row, and its
-        positions go to the source as advice (a Kafka source commits them to the broker)."""
+        commit that became durable resets the task's count of restarts in a row (the task
+        itself gives its positions to the source as advice)."""
         began = self._clock()
         durable = task.commit() if wait else task.commit_async()
         summary.commit_s.append(self._clock() - began)
@@ -379,9 +379,6 @@ class Runtime:
         if durable is None:
             return
         self._failures.pop(task.partition, None)
-        advise = getattr(task.reader, "committed", None)
-        if advise is not None:
-            advise(durable.positions.get(task.partition))
 
     def _commit_all(self, summary: RunSummary, *, force: bool) -> bool:
         """Commit the tasks that are due (all with ``force``); False if one had to restart."""

@@ -635,6 +635,11 @@ class TaskRunner:
         self._pending = None  # its failure is raised once, here
         record = pending.result()
         self.commits_durable += 1
+        # Every durable checkpoint goes to the source as advice (a Kafka source commits it
+        # to the broker), whichever call joined it: step() joins a finished commit too.
+        advise = getattr(self.reader, "committed", None)
+        if advise is not None:
+            advise(record.positions.get(self.partition))
         self._inflight_events = 0
         self.seq = record.seq
         self.digest = record.digest
