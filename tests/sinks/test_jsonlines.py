@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +70,74 @@ def test_output_staged_in_the_store_is_released_only_once_fsynced(tmp_path: Path
     w.buffer.append(("a", SYNC_EVERY))
     w.precommit(SYNC_EVERY)
     w.finalize(SYNC_EVERY)
+    deadline = time.monotonic() + 10
+    while w.releasable() != SYNC_EVERY and time.monotonic() < deadline:
+        time.sleep(0.001)
     assert w.releasable() == SYNC_EVERY
     assert len(lines(out)) == SYNC_EVERY
+    w.close()
+
+
+def test_the_shared_fsync_runs_off_the_commit_path_and_close_waits_for_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fsync shared by SYNC_EVERY store-staged checkpoints runs on a helper thread: the
+    finalize that starts it returns while it is still running, ``releasable()`` names those
+    checkpoints only once it is done, and close() waits for it."""
+    from resumeflow.sinks import _jsonlines
+
+    release = threading.Event()
+    started = threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        started.set()
+        assert release.wait(10)
+        real_fsync(fd)
+
+    out = tmp_path / "out.jsonl"
+    w = JsonLinesSink(out).open(ctx())
+    monkeypatch.setattr(_jsonlines.os, "fsync", slow_fsync)
+    for seq in range(1, _jsonlines.SYNC_EVERY + 1):
+        w.buffer.append(("a", seq))
+        w.precommit(seq)
+        w.finalize(seq)
+    assert started.wait(10)
+    assert w.releasable() is None  # the fsync has not finished
+    w.buffer.append(("a", 99))
+    w.precommit(_jsonlines.SYNC_EVERY + 1)
+    w.finalize(_jsonlines.SYNC_EVERY + 1)  # does not wait for the fsync in flight
+    assert w.releasable() is None
+    release.set()
+    w.close()
+    assert w.releasable() == _jsonlines.SYNC_EVERY + 1
+    assert len(lines(out)) == _jsonlines.SYNC_EVERY + 1
+
+
+def test_a_failed_background_fsync_fails_the_next_finalize(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An fsync error on the helper thread is not lost: the next finalize raises it, naming
+    the file, and ``releasable()`` never names the checkpoints it should have made durable."""
+    from resumeflow.sinks import _jsonlines
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    out = tmp_path / "out.jsonl"
+    w = JsonLinesSink(out).open(ctx())
+    monkeypatch.setattr(_jsonlines.os, "fsync", failing_fsync)
+    for seq in range(1, _jsonlines.SYNC_EVERY + 1):
+        w.buffer.append(("a", seq))
+        w.precommit(seq)
+        w.finalize(seq)
+    syncing = w._syncing
+    assert syncing is not None
+    syncing.join(10)
+    w.buffer.append(("a", 99))
+    w.precommit(_jsonlines.SYNC_EVERY + 1)
+    with pytest.raises(DataError, match="fsync of output file"):
+        w.finalize(_jsonlines.SYNC_EVERY + 1)
+    assert w.releasable() is None
+    monkeypatch.undo()
     w.close()
 
 

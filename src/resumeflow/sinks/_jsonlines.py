@@ -5,12 +5,12 @@ task's current owner (``<file>.rf-staging-<epoch>``) before the commit point, an
 record names it; output of at most ``INLINE_STAGING_MAX`` bytes is staged in the store's
 commit transaction instead, saving that fsync. After the commit point it is appended to the
 file and fsynced (output staged in the store: fsynced once per ``SYNC_EVERY`` checkpoints,
-and released by the store only once fsynced). The file's length tells whether an append
-happened: finalizing ``seq`` when the file already reaches its recorded end does nothing, a
-half-done append is cut back and redone. Staging files are per epoch, so a paused old owner
-cannot overwrite what the new owner's recovery reads. So a crash anywhere leaves each record
-in the file exactly once after recovery, and readers never see output of an uncommitted
-checkpoint.
+in the background, and released by the store only once fsynced). The file's length tells
+whether an append happened: finalizing ``seq`` when the file already reaches its recorded
+end does nothing, a half-done append is cut back and redone. Staging files are per epoch,
+so a paused old owner cannot overwrite what the new owner's recovery reads. So a crash
+anywhere leaves each record in the file exactly once after recovery, and readers never see
+output of an uncommitted checkpoint.
 Under at-least-once, output is appended before the commit point and a replay repeats it.
 """
 
@@ -22,6 +22,7 @@ import glob
 import logging
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,7 +45,10 @@ _CHUNK = 4096
 """Items encoded at a time."""
 SYNC_EVERY = 8
 """Checkpoints staged in the store whose appends share one fsync of the output file (their
-staged output stays in the store until then)."""
+staged output stays in the store until then); the fsync runs in the background."""
+SYNC_BEHIND_MAX = 4 * SYNC_EVERY
+"""Appends staged in the store that may wait for a background fsync before the next
+checkpoint's finalize runs one itself."""
 INLINE_STAGING_MAX = 64 * 1024
 """Exactly-once output of a checkpoint up to this many bytes is staged inside the store's
 commit transaction; larger output goes to the staging file (fsynced before the commit)."""
@@ -105,7 +109,11 @@ class _JsonLinesWriter:
         self._synced: int | None = None
         """Newest checkpoint whose output is durable in the file (fsynced)."""
         self._unsynced = 0
-        """Checkpoints appended since the last fsync."""
+        """Checkpoints appended since the last fsync began."""
+        self._syncing: threading.Thread | None = None
+        """The fsync running in the background, if any (``_sync_behind``)."""
+        self._sync_lock = threading.Lock()
+        self._sync_failure: OSError | None = None
         self._staging_path = path.with_name(f"{path.name}.rf-staging-{ctx.epoch}")
         self._staging: Any = None
         try:
@@ -267,21 +275,23 @@ class _JsonLinesWriter:
         meta.update(staging=self._staging_path.name, stage_off=0, stage_len=len(payload))
 
     def finalize(self, seq: int) -> None:
+        self._raise_sync_failure()
         pending = self._pending.pop(seq, None)
         if pending is None:
             return
         meta, payload = pending
-        inline = "staging" not in meta
         with self._locked():
             self._append(seq, meta, lambda: payload)
             self._finalized = seq
             self._unsynced += 1
-            # Output staged in the store stays there until the file is fsynced (the store
-            # releases it only up to ``releasable()``), so its fsync can wait and serve
-            # several checkpoints; a staging file is reused by the next checkpoint, so its
-            # output is made durable now.
-            if not inline or self._unsynced >= SYNC_EVERY:
-                self._sync()
+        # A staging file is reused by the next checkpoint, so its output is made durable
+        # now. Output staged in the store stays there until the file is fsynced (the store
+        # releases it only up to ``releasable()``), so one fsync serves several checkpoints
+        # and runs in the background, off the commit path.
+        if "staging" in meta:
+            self._sync()
+        elif self._unsynced >= SYNC_EVERY:
+            self._sync_behind()
 
     def _append(self, seq: int, meta: dict[str, Any], payload: Callable[[], bytes]) -> None:
         """Make the file end at checkpoint ``seq``'s end; a no-op if it already reaches it."""
@@ -311,18 +321,68 @@ class _JsonLinesWriter:
         return self._synced
 
     def _sync(self) -> None:
-        """Make every append so far durable."""
+        """Make every append so far durable, now."""
+        self._wait_sync_behind()
+        target = self._finalized
         os.fsync(self._file.fileno())
-        self._synced = self._finalized
+        self._synced_up_to(target)
         self._unsynced = 0
+
+    def _sync_behind(self) -> None:
+        """Start an fsync of every append so far on a helper thread; ``releasable()`` moves
+        when it is done. One runs at a time; past ``SYNC_BEHIND_MAX`` appends waiting for
+        one, the fsync runs here (the store-staged output they keep stays bounded)."""
+        syncing = self._syncing
+        if syncing is not None and syncing.is_alive():
+            if self._unsynced >= SYNC_BEHIND_MAX:
+                self._sync()
+            return
+        self._raise_sync_failure()
+        target, fd = self._finalized, self._file.fileno()
+        self._unsynced = 0
+
+        def run() -> None:
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                self._sync_failure = exc
+                return
+            self._synced_up_to(target)
+
+        self._syncing = threading.Thread(target=run, name=f"resumeflow-fsync {self.path.name}",
+                                         daemon=True)
+        self._syncing.start()
+
+    def _synced_up_to(self, seq: int | None) -> None:
+        with self._sync_lock:
+            if seq is not None and (self._synced is None or seq > self._synced):
+                self._synced = seq
+
+    def _wait_sync_behind(self) -> None:
+        syncing, self._syncing = self._syncing, None
+        if syncing is not None:
+            syncing.join()
+        self._raise_sync_failure()
+
+    def _raise_sync_failure(self) -> None:
+        failure, self._sync_failure = self._sync_failure, None
+        if failure is not None:
+            raise DataError(
+                f"fsync of output file {str(self.path)!r} failed ({failure}); its appended "
+                "output stays staged in the store and is appended again on restart"
+            ) from failure
 
     def _size(self) -> int:
         return os.fstat(self._file.fileno()).st_size
 
     def close(self) -> None:
         if not self._file.closed:
-            if self._unsynced:
-                self._sync()
-            self._file.close()
+            try:
+                if self._unsynced:
+                    self._sync()
+                else:
+                    self._wait_sync_behind()
+            finally:
+                self._file.close()
         if self._staging is not None and not self._staging.closed:
             self._staging.close()
