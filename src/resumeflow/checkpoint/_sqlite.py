@@ -36,6 +36,7 @@ from ._sqlite_state import (
     TailIndex,
     compact,
     delta_rows,
+    insert_many,
     roll_back_runs_after,
 )
 from ._store import InStoreWrite, OpenedTask, StagedEntry, TaskStatus
@@ -419,7 +420,7 @@ class SQLiteStore:
         seq = record.seq
         if pages is not None:
             db.execute("INSERT INTO delta_dirs VALUES (?, ?, ?)", pages[0])
-            db.executemany("INSERT INTO deltas VALUES (?, ?, ?, ?)", pages[1])
+            insert_many(db, "INSERT INTO deltas VALUES ", 4, pages[1])
         for sink, upto in release:
             db.execute("DELETE FROM staged WHERE task_no = ? AND sink = ? AND seq <= ?",
                        (task_no, sink, upto))

@@ -43,6 +43,7 @@ __all__ = [
     "decode_delta",
     "delta_rows",
     "encode_delta",
+    "insert_many",
     "roll_back_runs_after",
 ]
 
@@ -236,6 +237,19 @@ def _owned(db: sqlite3.Connection, task_no: int, epoch: int, since: int) -> bool
     return current == epoch and compacted == since
 
 
+def _read_values(db: sqlite3.Connection, task_no: int, keys: list[bytes]) -> dict[bytes, bytes]:
+    """The stored values of ``keys`` (those that have one), read as one row: one step of
+    SQLite instead of one per key (see ``insert_many``)."""
+    marks = ",".join("?" * len(keys))
+    (packed,) = db.execute(
+        "SELECT group_concat(hex(key) || ' ' || hex(value), ' ') FROM state "
+        f"WHERE task_no = ? AND key IN ({marks})", (task_no, *keys)).fetchone()
+    if not packed:
+        return {}
+    parts = packed.split(" ")
+    return {bytes.fromhex(parts[i]): bytes.fromhex(parts[i + 1]) for i in range(0, len(parts), 2)}
+
+
 def _write_chunk(db: sqlite3.Connection, task_no: int, epoch: int, since: int, upto: int,
                  chunk_no: int, chunk: list[bytes], merged: dict[bytes, bytes | None]) -> bool:
     """Overwrite one chunk of rows, saving the values it replaces, in one transaction."""
@@ -244,11 +258,8 @@ def _write_chunk(db: sqlite3.Connection, task_no: int, epoch: int, since: int, u
         if not _owned(db, task_no, epoch, since):
             db.execute("ROLLBACK")
             return False
-        marks = ",".join("?" * len(chunk))
-        before = dict(db.execute(
-            f"SELECT key, value FROM state WHERE task_no = ? AND key IN ({marks})",
-            (task_no, *chunk)).fetchall())
-        images = [(k, None if before.get(k) is None else bytes(before[k])) for k in chunk]
+        before = _read_values(db, task_no, chunk)
+        images = [(k, before.get(k)) for k in chunk]
         db.execute("INSERT INTO undo VALUES (?, ?, ?, ?, ?)",
                    (task_no, upto, chunk_no, since, encode_delta(images)))
         _apply(db, task_no, [(k, merged[k]) for k in chunk])
@@ -276,12 +287,36 @@ def _finish(db: sqlite3.Connection, task_no: int, epoch: int, since: int, upto: 
 
 
 def _apply(db: sqlite3.Connection, task_no: int, items: list[tuple[bytes, bytes | None]]) -> None:
-    db.executemany(
-        "INSERT INTO state (task_no, key, value) VALUES (?, ?, ?) "
-        "ON CONFLICT (task_no, key) DO UPDATE SET value = excluded.value",
-        [(task_no, k, v) for k, v in items if v is not None])
-    db.executemany("DELETE FROM state WHERE task_no = ? AND key = ?",
-                   [(task_no, k) for k, v in items if v is None])
+    insert_many(db, "INSERT INTO state (task_no, key, value) VALUES ", 3,
+                [(task_no, k, v) for k, v in items if v is not None],
+                " ON CONFLICT (task_no, key) DO UPDATE SET value = excluded.value")
+    gone = [k for k, v in items if v is None]
+    for start in range(0, len(gone), ROWS_PER_STATEMENT):
+        part = gone[start:start + ROWS_PER_STATEMENT]
+        db.execute(f"DELETE FROM state WHERE task_no = ? AND key IN ({','.join('?' * len(part))})",
+                   (task_no, *part))
+
+
+ROWS_PER_STATEMENT = 500
+"""Rows per multi-row statement of ``insert_many`` (3 columns: 1,500 of SQLite's 32,766
+parameters)."""
+
+
+def insert_many(db: sqlite3.Connection, head: str, width: int, rows: Sequence[Sequence[object]],
+                tail: str = "") -> None:
+    """``executemany`` as a few multi-row ``VALUES`` statements.
+
+    ``executemany`` steps SQLite once per row, and the sqlite3 module lets go of the GIL
+    around every step: on a busy interpreter each of those steps can wait a switch interval
+    (5 ms) to get it back, so a background writer crawls while it holds the write lock and
+    the commits queue behind it. One statement per 500 rows is one step."""
+    if not rows:
+        return
+    one = "(" + ",".join("?" * width) + ")"
+    for start in range(0, len(rows), ROWS_PER_STATEMENT):
+        part = rows[start:start + ROWS_PER_STATEMENT]
+        db.execute(head + ",".join([one] * len(part)) + tail,
+                   [value for row in part for value in row])
 
 
 def roll_back_runs_after(db: sqlite3.Connection, task_no: int, seq: int) -> int:
