@@ -469,3 +469,24 @@ def test_compaction_and_rewind_of_more_keys_than_one_statement_holds(tmp_path: P
     opened = store.open_task(TASK)
     assert snapshot(store, opened.task_no, wide) == first
     store.close()
+
+
+def test_the_compactor_copies_the_write_ahead_log_outside_the_commits(tmp_path: Path) -> None:
+    """A checkpoint of the write-ahead log asked of the compactor copies all of it into the
+    database file, and the log stays short under a stream of commits."""
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path)
+    w = Writer(store)
+    for seq in range(1, 201):
+        w.commit(delta=[(b"k%05d" % i, b"v%d-%d" % (i, seq)) for i in range(500)])
+    store._compactor.checkpoint_wal()
+    store._compactor.close()  # the runs asked for, and the checkpoint, are done
+    wal = path.with_name(path.name + "-wal").stat().st_size
+    assert wal < 8 * 2**20, f"write-ahead log of {wal:,} bytes after 200 commits"
+    alone = tmp_path / "alone.db"  # the database file without its log
+    shutil.copy(path, alone)
+    sql = "SELECT last_seq, compacted_seq FROM tasks"
+    assert rows(alone, sql) == rows(path, sql) and rows(path, sql)[0][1] > 0
+    snap = snapshot(store, w.opened.task_no, [b"k%05d" % i for i in range(500)])
+    assert snap == {b"k%05d" % i: b"v%d-200" % i for i in range(500)}
+    store.close()

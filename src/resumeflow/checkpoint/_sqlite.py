@@ -32,6 +32,7 @@ from ._sqlite_state import (
     COMPACT_AFTER,
     COMPACT_ON_CLOSE_MAX_PAGES,
     MAX_TAIL_DELTAS,
+    WAL_BACKSTOP_PAGES,
     Compactor,
     TailIndex,
     compact,
@@ -42,6 +43,10 @@ from ._sqlite_state import (
 from ._store import InStoreWrite, OpenedTask, StagedEntry, TaskStatus
 
 __all__ = ["SQLiteStore"]
+
+WAL_CHECKPOINT_EVERY = 8
+"""Commits between two requests for a write-ahead log checkpoint on the compactor's thread
+(compaction runs checkpoint the log too)."""
 
 log = logging.getLogger("resumeflow.store")
 
@@ -140,6 +145,7 @@ class SQLiteStore:
         self._compacted = threading.Condition()
         self._committed: dict[int, int] = {}
         self._commit_waiting = threading.Event()
+        self._since_wal_checkpoint = 0
         self._compactor = Compactor(self.path, self._recent, self._notify_compacted, self._lock,
                                     self._commit_waiting)
         if not create and not self.path.exists():
@@ -157,6 +163,7 @@ class SQLiteStore:
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}")
             self._db.execute("PRAGMA foreign_keys=OFF")
             self._init_schema()
         except sqlite3.DatabaseError as exc:
@@ -376,6 +383,10 @@ class SQLiteStore:
                                    (opened.task_no,)).fetchone()[0]
         self._committed[opened.task_no] = opened.epoch
         tail = record.seq - compacted
+        self._since_wal_checkpoint += 1
+        if self._since_wal_checkpoint >= WAL_CHECKPOINT_EVERY:
+            self._since_wal_checkpoint = 0
+            self._compactor.checkpoint_wal()
         if tail >= COMPACT_AFTER:
             self._compactor.request(opened.task_no, opened.epoch)
         if tail > MAX_TAIL_DELTAS:

@@ -21,13 +21,14 @@ in the same transactions. So:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import operator
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import msgspec
@@ -37,6 +38,7 @@ __all__ = [
     "COMPACT_ON_CLOSE_MAX_PAGES",
     "MAX_TAIL_DELTAS",
     "PAGE_KEYS",
+    "WAL_BACKSTOP_PAGES",
     "Compactor",
     "TailIndex",
     "compact",
@@ -59,7 +61,7 @@ COMPACT_ON_CLOSE_MAX_PAGES = 1000
 MAX_TAIL_DELTAS = 32
 """Uncompacted deltas a task may have before a commit waits for the compactor."""
 
-_CHUNK_KEYS = 500
+_CHUNK_KEYS = 250
 
 Delta = list[tuple[bytes, bytes | None]]
 
@@ -375,32 +377,44 @@ def _roll_back_partial(db: sqlite3.Connection, task_no: int, epoch: int, lock: t
 def _prune_in_turns(db: sqlite3.Connection, task_no: int, lock: threading.Lock,
                     commit_waiting: threading.Event | None) -> None:
     """Drop undo runs no kept checkpoint can need, then deltas no undo or read needs, a few
-    rows per transaction (a large history is never deleted inside one commit)."""
-    with lock:
+    rows per transaction (a large history is never deleted inside one commit). What to drop
+    is read from a snapshot, without the write lock: commits go on meanwhile."""
+    with _snapshot(db):
         oldest = db.execute("SELECT min(seq) FROM commits WHERE task_no = ?",
                             (task_no,)).fetchone()[0]
         if oldest is None:
             return
         undo = db.execute("SELECT to_seq, chunk FROM undo WHERE task_no = ? AND to_seq <= ?",
                           (task_no, oldest)).fetchall()
-    for start in range(0, len(undo), 64):
+    for start in range(0, len(undo), 16):
         _delete_in_turn(db, lock, commit_waiting,
                         "DELETE FROM undo WHERE task_no = ? AND to_seq = ? AND chunk = ?",
-                        [(task_no, t, c) for t, c in undo[start:start + 64]])
-    with lock:
+                        [(task_no, t, c) for t, c in undo[start:start + 16]])
+    with _snapshot(db):
         floor = db.execute("SELECT min(from_seq) FROM undo WHERE task_no = ?",
                            (task_no,)).fetchone()[0]
         compacted = _tail(db, task_no)[1]
         keep_after = min(int(floor), compacted) if floor is not None else compacted
         pages = db.execute("SELECT seq, page_no FROM deltas WHERE task_no = ? AND seq <= ?",
                            (task_no, keep_after)).fetchall()
-    for start in range(0, len(pages), 256):
+    for start in range(0, len(pages), 128):
         _delete_in_turn(db, lock, commit_waiting,
                         "DELETE FROM deltas WHERE task_no = ? AND seq = ? AND page_no = ?",
-                        [(task_no, q, n) for q, n in pages[start:start + 256]])
+                        [(task_no, q, n) for q, n in pages[start:start + 128]])
     _delete_in_turn(db, lock, commit_waiting,
                     "DELETE FROM delta_dirs WHERE task_no = ? AND seq <= ?",
                     [(task_no, keep_after)])
+
+
+@contextlib.contextmanager
+def _snapshot(db: sqlite3.Connection) -> Iterator[None]:
+    """A read transaction: the statements inside see one committed state, and no write
+    waits for it."""
+    db.execute("BEGIN")
+    try:
+        yield
+    finally:
+        db.execute("COMMIT")
 
 
 def _delete_in_turn(db: sqlite3.Connection, lock: threading.Lock,
@@ -415,6 +429,34 @@ def _delete_in_turn(db: sqlite3.Connection, lock: threading.Lock,
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+
+_WAL = -1
+"""``Compactor`` queue item of a write-ahead log checkpoint (not a task number)."""
+
+
+WAL_BACKSTOP_PAGES = 16384
+"""The store's connection checkpoints the write-ahead log itself only past this many pages
+(64 MB), a backstop: the compactor keeps it far shorter (``WAL_RESTART_PAGES``)."""
+
+WAL_RESTART_PAGES = 1000
+"""Pages of the write-ahead log past which the compactor, after copying it into the database
+file, copies what commits appended meanwhile under the write lock, so that the next write
+starts the log again from its beginning."""
+
+
+def _checkpoint_wal(db: sqlite3.Connection, write_lock: threading.Lock) -> None:
+    """Copy the write-ahead log into the database file without waiting for readers or
+    writers (``PASSIVE``), so commits go on meanwhile; when the log is long, copy the few
+    pages appended during that copy with the writers held off, which lets the next write
+    start the log from its beginning (a checkpoint alone never shortens it)."""
+    try:
+        _, pages, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if pages >= WAL_RESTART_PAGES:
+            with write_lock:
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    except sqlite3.OperationalError as exc:  # another checkpoint is running
+        log.debug("write-ahead log checkpoint skipped: %s", exc)
 
 
 class Compactor:
@@ -454,6 +496,12 @@ class Compactor:
             self._thread.start()
         self._queue.put((task_no, epoch))
 
+    def checkpoint_wal(self) -> None:
+        """Ask for a checkpoint of the write-ahead log (coalesced while one is pending), done
+        outside the write lock: the checkpoint a commit runs itself when the log is long then
+        has little left to copy."""
+        self.request(_WAL, 0)
+
     def close(self) -> None:
         """Finish the run in progress and stop; uncompacted deltas stay readable."""
         if self._thread is not None:
@@ -467,14 +515,20 @@ class Compactor:
         # compaction that stopped earlier (its partial run is undone by the next compactor), and
         # the next FULL commit of the store's connection makes everything before it durable.
         db.execute("PRAGMA synchronous=NORMAL")
+        # Its transactions run under the write lock: the log is checkpointed after them.
+        db.execute("PRAGMA wal_autocheckpoint=0")
         try:
             while (item := self._queue.get()) is not None:
                 task_no, epoch = item
                 self._pending.discard(task_no)
+                if task_no == _WAL:
+                    _checkpoint_wal(db, self._write_lock)
+                    continue
                 try:
                     if compact(db, task_no, epoch, self._recent, self._write_lock,
                                self._commit_waiting):
                         self.runs += 1
+                        _checkpoint_wal(db, self._write_lock)
                 except Exception:
                     self.failures += 1
                     log.exception("compaction of task #%d failed; its deltas stay readable",
