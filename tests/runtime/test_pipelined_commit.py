@@ -173,3 +173,42 @@ def test_commits_run_on_the_executor_thread(work: Any) -> None:
     assert [r.seq for r in records] == list(range(1, len(records) + 1))
     store.close()
     assert work.output("jsonl") == events.running_totals()
+
+
+class ThreadRecordingStore(rf.SQLiteStore):
+    """A SQLite store that notes the thread of every commit."""
+
+    threads: list[str]
+
+    def commit(self, opened: OpenedTask, record: CommitRecord,
+               delta: Sequence[tuple[bytes, bytes | None]], staged: Sequence[StagedEntry],
+               release: Sequence[tuple[str, int]], in_store: Sequence[InStoreWrite] = ()) -> None:
+        self.threads.append(threading.current_thread().name)
+        super().commit(opened, record, delta, staged, release, in_store)
+
+
+@pytest.mark.parametrize("alone", [True, False])
+def test_a_window_that_fills_the_bound_commits_on_the_task_thread_when_alone(
+        work: Any, alone: bool) -> None:
+    """A task alone on its thread writes a window that fills the whole replay bound at once
+    on that thread (nothing could overlap it), and hands partial windows, or any window
+    when it shares the thread, to the commit thread; the output is exact either way."""
+    events = work.events(1000)
+    store = ThreadRecordingStore(work.store)
+    store.threads = []
+    task = runner(work, events, store, ThreadCommitExecutor("rf-commit-test"),
+                  replay_max_events=100, batch_max_records=50)
+    full: list[bool] = []
+    while not task.at_end:
+        task.step()
+        if task.commit_due() or (task.window_events >= 50 and len(full) % 2):
+            full.append(task.window_events >= 100)
+            task.commit_async(alone=alone)
+    task.commit()
+    task.close()
+    store.close()
+    assert True in full and False in full
+    here = threading.current_thread().name
+    expected = [here if alone and f else "rf-commit-test" for f in full]
+    assert store.threads[:len(full)] == expected
+    assert work.output("jsonl") == events.running_totals()

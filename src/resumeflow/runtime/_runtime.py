@@ -372,7 +372,7 @@ class Runtime:
         commit that became durable resets the task's count of restarts in a row (the task
         itself gives its positions to the source as advice)."""
         began = self._clock()
-        durable = task.commit() if wait else task.commit_async()
+        durable = task.commit() if wait else task.commit_async(alone=len(self.tasks) == 1)
         summary.commit_s.append(self._clock() - began)
         summary.commits = self._durable_commits()
         self._last_commit = self._clock()

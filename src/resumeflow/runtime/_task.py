@@ -574,18 +574,26 @@ class TaskRunner:
         assert record is not None
         return record
 
-    def commit_async(self) -> CommitRecord | None:
+    def commit_async(self, *, alone: bool = False) -> CommitRecord | None:
         """Cut a checkpoint of everything read so far and hand its writes to the executor;
         first waits for the commit in flight and returns its record (``None`` if there was
         none). Its failure, and a failure of this one, is raised by a later ``step()``,
-        ``commit()`` or ``commit_async()``."""
+        ``commit()`` or ``commit_async()``.
+
+        ``alone``: no other task runs on the calling thread. A window that fills the whole
+        replay bound then leaves nothing to overlap (the task cannot read a record until
+        the commit is durable), so its writes run at once on this thread, without the
+        hand-off to the commit thread and the two threads' turns at the GIL."""
         joined = self._join() if self._pending is not None else None
         if self.window_started is not None or joined is None:
-            self._cut()
+            inline = (alone and isinstance(self._executor, ThreadCommitExecutor)
+                      and self.window_events >= self.config.replay_max_events)
+            self._cut(inline=inline)
         return joined
 
-    def _cut(self) -> None:
-        """The synchronous part of a checkpoint: what it contains is fixed here."""
+    def _cut(self, *, inline: bool = False) -> None:
+        """The synchronous part of a checkpoint: what it contains is fixed here; its writes
+        go to the executor (``inline``: they run now, on this thread)."""
         invariant(self._pending is None, f"{self.task_id}: cut with a commit in flight")
         began = self._clock()
         seq = self.seq + 1
@@ -606,8 +614,8 @@ class TaskRunner:
         self.window_events = 0
         self.window_started = None
         self._cut_at = began
-        self._pending = self._executor.submit(
-            partial(self._write, seq, stages, delta, positions, stats))
+        job = partial(self._write, seq, stages, delta, positions, stats)
+        self._pending = _Done(job) if inline else self._executor.submit(job)
 
     def _write(self, seq: int, stages: list[tuple[str, Callable[[], Precommit]]],
                delta: list[tuple[bytes, bytes | None]], positions: dict[str, Any],
