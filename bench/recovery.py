@@ -47,6 +47,12 @@ FLOW_SPEC = f"{FLOW_FILE}:flow"
 BOUND = 100_000
 """``replay_max_events`` of every run here: the default of ``RunConfig`` and of the CLI."""
 
+KILL_AFTER_MAX = 9
+"""The runs killed after their K-th commit take K in 4..9: the 1,000,000 records appended
+after the state is built fill at least 10 windows of ``BOUND`` records, so the restart
+always has input left (at 12, a run whose windows all closed on the event bound could be
+killed at its very last commit)."""
+
 Log = Callable[[str], None]
 
 
@@ -327,7 +333,7 @@ def measure_resume(s: Settings, log: Log) -> tuple[dict[str, Any], _Case]:
     runs: dict[int, list[dict[str, Any]]] = {c.keys: [] for c in cases}
     startup: dict[str, list[float]] = {label: [] for label in STARTUPS}
     for rep in range(s.restarts):
-        commits = rng.randint(4, 12)
+        commits = rng.randint(4, KILL_AFTER_MAX)
         order = cases if rep % 2 == 0 else list(reversed(cases))
         for case in order:
             r = _crash_and_restart(case, commits)
@@ -564,11 +570,12 @@ has state) run through the pipeline to the end (state built in {r['build_s'][sma
 alternating the sizes: restore that store (and flush the copy to disk), run the flow with
 `RESUMEFLOW_CRASH_AT=commit.after_finalize:K` (SIGKILL right after the K-th commit and its
 output append, cutting the background compactor short and leaving an uncompacted tail; K
-random in 4..12, the same for both sizes: {kills}), then restart `resumeflow run` and time it
-from just before the spawn to its "first records processed" log line (a), and to the first
-byte it appends to the output file (a'; the file holds all committed output at the kill, so
-that byte is new output). Start-up is `python -c 'import resumeflow'` ({_ms(interp)}),
-measured apart; "in-process" figures are the ones the restarted run logs. Medians of {n}:
+random in 4..{KILL_AFTER_MAX}, the same for both sizes: {kills}), then restart
+`resumeflow run` and time it from just before the spawn to its "first records processed"
+log line (a), and to the first byte it appends to the output file (a'; the file holds all
+committed output at the kill, so that byte is new output). Start-up is
+`python -c 'import resumeflow'` ({_ms(interp)}), measured apart; "in-process" figures are
+the ones the restarted run logs. Medians of {n}:
 
 | figure | {int(small):,} keys | {int(big):,} keys | ratio | goal |
 |---|---:|---:|---:|---|
@@ -612,10 +619,9 @@ def _render_checkpoint(runs: list[dict[str, Any]], s: dict[str, Any]) -> str:
     ])
     if all("stall_s" in r for r in runs):
         stalls = [x for r in runs for x in r["stall_s"]]
-        table += (f"\n\nThe task's thread waits for each commit in flight "
-                  f"(`TaskRunner.commit_stall_s`; here at its next batch, the replay window "
-                  f"being full): p50 {_ms(_pct(stalls, 50))}, p99 {_ms(_pct(stalls, 99))}; "
-                  "the cut itself is the `cut` phase below.")
+        table += (f"\n\nWaits of the task's thread for a commit in flight "
+                  f"(`TaskRunner.commit_stall_s`; none when the writes run on that thread): "
+                  f"p50 {_ms(_pct(stalls, 50))}, p99 {_ms(_pct(stalls, 99))}.")
     names = list(runs[0]["phases"])
     phases = "\n".join(
         f"| {name.replace('_', ' ')} | {_ms(_pct(v, 50))} | {_ms(_pct(v, 99))} | {_ms(max(v))} |"
@@ -631,14 +637,15 @@ run), {len(runs)} run(s), each in a process of its own (`python bench/recovery.p
 --checkpoint-worker`), with `replay_max_events={s['dirty']}` and no time bound, read records
 whose keys all differ and all have state, so every commit carries exactly {s['dirty']:,} dirty
 keys ({exact} of {len(sizes)} commits checked) over {keys:,} keys; {s['commits']} commits per
-run. Each commit is timed from its cut (on the task's thread: the state delta encoded, the
-sink buffers detached) until it is durable and finalized (on the commit thread: sink
-precommit, whose output of about 30 KB is staged in the store's transaction, commit record,
-the SQLite transaction with its fsync, the append of the output, fsynced once per 8
-commits): `TaskRunner.commit_latency_s`. With the replay bound
-equal to the commit window, as here, the task cannot read on while a commit is in flight
-(the hard bound counts that commit's records), so pipelining hides nothing: the task's thread
-waits for each commit in full. The background compactor runs as usual.
+run. Each commit is timed from its cut (the state delta encoded, the sink buffers detached)
+until it is durable and finalized (sink precommit, whose output of about 30 KB is staged in
+the store's transaction, commit record, the SQLite transaction with its fsync, the append of
+the output, fsynced once per 8 commits on a helper thread): `TaskRunner.commit_latency_s`.
+With the replay bound equal to the commit window, as here, the task cannot read on while a
+commit is in flight (the hard bound counts that commit's records), so the task, alone on
+its thread, writes each checkpoint at once on that thread instead of the commit thread
+(`commit_async(alone=True)`), and the `cut` phase below holds the other three. The
+background compactor runs as usual.
 
 {table}
 
