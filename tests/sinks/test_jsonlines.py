@@ -166,6 +166,65 @@ def test_small_output_is_staged_in_the_store_and_large_output_in_a_staging_file(
     w.close()
 
 
+def test_output_staged_in_a_file_stays_there_until_the_output_file_is_fsynced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finalizing file-staged output appends it and fsyncs the file in the background: until
+    that fsync is done the staging file keeps it (the next checkpoint stages after it) and
+    ``releasable()`` does not name it, so appends lost before the fsync are redone from the
+    staging file; once it is done the staging file starts again from its beginning."""
+    from resumeflow.sinks import _jsonlines
+
+    out = tmp_path / "out.jsonl"
+    w = JsonLinesSink(out).open(ctx())
+    release = threading.Event()
+    real_fsync = os.fsync
+
+    def gated_fsync(fd: int) -> None:
+        if fd == w._file.fileno():
+            assert release.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(_jsonlines.os, "fsync", gated_fsync)
+    big = _jsonlines.INLINE_STAGING_MAX // 100 + 1
+
+    def checkpoint(seq: int) -> Any:
+        w.buffer.extend((f"k{seq}", "x" * 100) for _ in range(big))
+        pre = w.precommit(seq)
+        assert pre.meta is not None and "staging" in pre.meta
+        w.finalize(seq)  # returns with the output file's fsync still running
+        return pre
+
+    first, second = checkpoint(1), checkpoint(2)
+    assert w.releasable() is None
+    assert first.meta["stage_off"] == 0
+    assert second.meta["stage_off"] == first.meta["stage_len"]  # after, not over, 1's
+    # Had both appends been lost before the fsync, recovery would redo both from staging.
+    lost = tmp_path / "lost.jsonl"
+    lost.touch()
+    redo = JsonLinesSink(lost).open(ctx())
+    redo.recover(second.meta, [first.staged, second.staged])
+    redo.close()
+    assert [x["key"] for x in lines(lost)] == ["k1"] * big + ["k2"] * big
+    release.set()
+    w._wait_sync_behind()
+    assert w.releasable() == 1  # the fsync in flight at 2's finalize covered only 1
+    third = checkpoint(3)  # 2 is not known durable: 3 is staged after it
+    assert third.meta["stage_off"] == second.meta["stage_off"] + second.meta["stage_len"]
+    w._wait_sync_behind()
+    assert w.releasable() == 3
+    fourth = checkpoint(4)
+    assert fourth.meta["stage_off"] == 0  # all it held is durable in the file: start again
+    w.close()
+    # 4's append lost: recovery redoes it from the start of the staging file.
+    lost.write_bytes(out.read_bytes()[:third.meta["end"]])
+    monkeypatch.undo()
+    again = JsonLinesSink(lost).open(ctx())
+    again.recover(fourth.meta, [third.staged, fourth.staged])
+    again.close()
+    assert lost.read_bytes() == out.read_bytes()
+    assert [x["key"] for x in lines(out)] == [f"k{n}" for n in (1, 2, 3, 4) for _ in range(big)]
+
+
 def test_finalize_is_idempotent(tmp_path: Path) -> None:
     """Finalizing a checkpoint again, in process or through recovery, appends nothing."""
     out = tmp_path / "out.jsonl"

@@ -2,10 +2,13 @@
 
 Under exactly-once, each checkpoint's output is written and fsynced to a staging file of the
 task's current owner (``<file>.rf-staging-<epoch>``) before the commit point, and the commit
-record names it; output of at most ``INLINE_STAGING_MAX`` bytes is staged in the store's
-commit transaction instead, saving that fsync. After the commit point it is appended to the
-file and fsynced (output staged in the store: fsynced once per ``SYNC_EVERY`` checkpoints,
-in the background, and released by the store only once fsynced). The file's length tells
+record names it (its offset there); output of at most ``INLINE_STAGING_MAX`` bytes is staged
+in the store's commit transaction instead, saving that fsync. After the commit point it is
+appended to the file, and the file is fsynced in the background, off the commit path (after
+each checkpoint staged in a file, after ``SYNC_EVERY`` staged in the store). Staged output is
+kept until that fsync covers it: the store releases its entries only up to ``releasable()``,
+and the staging file is appended to, and starts again from its beginning only once every
+checkpoint staged in it is durable in the output file. The file's length tells
 whether an append happened: finalizing ``seq`` when the file already reaches its recorded
 end does nothing, a half-done append is cut back and redone. Staging files are per epoch,
 so a paused old owner cannot overwrite what the new owner's recovery reads. So a crash
@@ -49,6 +52,9 @@ staged output stays in the store until then); the fsync runs in the background."
 SYNC_BEHIND_MAX = 4 * SYNC_EVERY
 """Appends staged in the store that may wait for a background fsync before the next
 checkpoint's finalize runs one itself."""
+STAGING_MAX_BYTES = 64 * 1024 * 1024
+"""Bytes a staging file may hold while background fsyncs of the output file lag behind; past
+them the next checkpoint waits for an fsync and starts the staging file again."""
 INLINE_STAGING_MAX = 64 * 1024
 """Exactly-once output of a checkpoint up to this many bytes is staged inside the store's
 commit transaction; larger output goes to the staging file (fsynced before the commit)."""
@@ -103,7 +109,7 @@ class _JsonLinesWriter:
         self._unwrap = ctx.keyed and not with_key
         self._exactly_once = ctx.guarantee == "exactly-once"
         self._length = 0
-        self._pending: dict[int, tuple[dict[str, Any], bytes]] = {}
+        self._pending: dict[int, tuple[dict[str, Any], bytes | bytearray]] = {}
         self._finalized: int | None = None
         """Newest checkpoint whose output is appended to the file."""
         self._synced: int | None = None
@@ -116,6 +122,10 @@ class _JsonLinesWriter:
         self._sync_failure: OSError | None = None
         self._staging_path = path.with_name(f"{path.name}.rf-staging-{ctx.epoch}")
         self._staging: Any = None
+        self._staging_end = 0
+        """Bytes of staged output in the staging file."""
+        self._staged_last: int | None = None
+        """Newest checkpoint staged in the staging file since it started again."""
         try:
             self._file = open(path, "ab+")  # noqa: SIM115 - closed in close()
         except OSError as exc:
@@ -198,7 +208,7 @@ class _JsonLinesWriter:
 
     # -- the checkpoint --------------------------------------------------------------------
 
-    def _encode(self, items: list[Any]) -> bytes:
+    def _encode(self, items: list[Any]) -> bytes | bytearray:
         """The JSON lines of ``items``, built a chunk at a time (keyed items become a dict
         each only for the length of one chunk)."""
         wrap, unwrap, encode_lines = self._wrap, self._unwrap, _encoder.encode_lines
@@ -212,7 +222,7 @@ class _JsonLinesWriter:
                     out += encode_lines([{"key": k, "value": v} for k, v in chunk])
                 else:
                     out += encode_lines([v for _, v in chunk])
-            return bytes(out)
+            return out
         except TypeError as exc:
             raise DataError(
                 f"output for {str(self.path)!r} is not JSON-serializable ({exc}); emit dicts, "
@@ -244,12 +254,12 @@ class _JsonLinesWriter:
             # Small output rides in the store's commit transaction: its fsync covers it, so
             # no staging file and no fsync of its own.
             return Precommit(meta=meta, staged=StagedEntry(sink=self.ctx.sink_id, seq=seq,
-                                                           meta=meta, payload=payload))
-        self._stage(payload, meta)
+                                                           meta=meta, payload=bytes(payload)))
+        self._stage(seq, payload, meta)
         return Precommit(meta=meta, staged=StagedEntry(sink=self.ctx.sink_id, seq=seq,
                                                        meta=meta, payload=b""))
 
-    def _append_now(self, payload: bytes) -> dict[str, Any]:
+    def _append_now(self, payload: bytes | bytearray) -> dict[str, Any]:
         """At-least-once: append the payload durably now; the meta names the bytes written,
         wherever the file ends (a paused old owner may have appended since this writer
         opened)."""
@@ -262,17 +272,31 @@ class _JsonLinesWriter:
         self._length = base + len(payload)
         return {"file": str(self.path), "base": base, "end": base + len(payload)}
 
-    def _stage(self, payload: bytes, meta: dict[str, Any]) -> None:
-        """Write the payload durably to this owner's staging file, reusing it from the start:
-        every earlier checkpoint's output is already durable in the output file."""
+    def _stage(self, seq: int, payload: bytes | bytearray, meta: dict[str, Any]) -> None:
+        """Write the payload durably to this owner's staging file: after what it holds, or
+        from its beginning once every checkpoint staged in it is durable in the output file
+        (the store may still name those, but recovery then finds them appended already)."""
         if self._staging is None:
             self._staging = open(self._staging_path, "wb")  # noqa: SIM115 - closed in close()
-        self._staging.seek(0)
-        self._staging.truncate()
+        if self._staging_end + len(payload) > STAGING_MAX_BYTES and not self._covered():
+            self._sync()  # background fsyncs lag: make the output durable, start again
+        offset = 0 if self._covered() else self._staging_end
+        self._staging.seek(offset)
+        if offset == 0:
+            self._staging.truncate()
         self._staging.write(payload)
         self._staging.flush()
         os.fsync(self._staging.fileno())
-        meta.update(staging=self._staging_path.name, stage_off=0, stage_len=len(payload))
+        self._staging_end = offset + len(payload)
+        self._staged_last = seq
+        meta.update(staging=self._staging_path.name, stage_off=offset, stage_len=len(payload))
+
+    def _covered(self) -> bool:
+        """Every checkpoint staged in the staging file is durable in the output file."""
+        last = self._staged_last
+        with self._sync_lock:
+            synced = self._synced
+        return last is None or (synced is not None and synced >= last)
 
     def finalize(self, seq: int) -> None:
         self._raise_sync_failure()
@@ -284,16 +308,15 @@ class _JsonLinesWriter:
             self._append(seq, meta, lambda: payload)
             self._finalized = seq
             self._unsynced += 1
-        # A staging file is reused by the next checkpoint, so its output is made durable
-        # now. Output staged in the store stays there until the file is fsynced (the store
-        # releases it only up to ``releasable()``), so one fsync serves several checkpoints
-        # and runs in the background, off the commit path.
-        if "staging" in meta:
-            self._sync()
-        elif self._unsynced >= SYNC_EVERY:
+        # Staged output stays where it is (the store releases it only up to
+        # ``releasable()``; the staging file starts again only once it is covered) until the
+        # file is fsynced, so the fsync runs in the background, off the commit path: after
+        # every checkpoint staged in a file, and shared by SYNC_EVERY staged in the store.
+        if "staging" in meta or self._unsynced >= SYNC_EVERY:
             self._sync_behind()
 
-    def _append(self, seq: int, meta: dict[str, Any], payload: Callable[[], bytes]) -> None:
+    def _append(self, seq: int, meta: dict[str, Any],
+                payload: Callable[[], bytes | bytearray]) -> None:
         """Make the file end at checkpoint ``seq``'s end; a no-op if it already reaches it."""
         base, end = int(meta["base"]), int(meta["end"])
         size = self._size()
@@ -304,7 +327,7 @@ class _JsonLinesWriter:
                 f"output file {str(self.path)!r} is {size} bytes but checkpoint {seq} appends "
                 f"at byte {base}: it was truncated outside resumeflow; restore it"
             )
-        data = payload()
+        data = memoryview(payload())
         invariant(len(data) == end - base, f"{self.path}: staged output of checkpoint {seq} "
                   f"is {len(data)} bytes, expected {end - base}")
         if size != base:
