@@ -4,9 +4,9 @@ or with commits disabled (``off``).
 "Commits disabled" is the same flow on the same runtime, cut into the same windows (100 ms /
 100,000 records), with no checkpoint write at all: a store that keeps nothing (no commit
 record, no state delta written, no transaction, no fsync) and a sink that appends each
-window's JSON lines to the output file with a plain write (no staging file, no fsync). What
-it leaves out is exactly what a checkpoint writes, so the ratio of the two is the cost of
-durability; the output it writes is byte for byte the same.
+window's JSON lines to the output file with a plain write as they are encoded (no staging
+file, no fsync). What it leaves out is exactly what a checkpoint writes, so the ratio of the
+two is the cost of durability; the output it writes is byte for byte the same.
 """
 
 from __future__ import annotations
@@ -64,8 +64,9 @@ class NullStore:
 
 
 class PlainJsonLinesSink:
-    """JSON lines like ``JsonLinesSink``'s (``{"key": k, "value": v}``), appended at each
-    window's end with a plain buffered write: no staging, no fsync, no recovery."""
+    """JSON lines like ``JsonLinesSink``'s (``{"key": k, "value": v}``), encoded when it
+    encodes them (between batches, and at each window's end) and appended at once with a
+    plain buffered write: no staging, no fsync, no recovery."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -84,7 +85,16 @@ class _PlainWriter:
     def recover(self, meta: dict[str, Any] | None, staged: Sequence[StagedEntry]) -> None:
         return None
 
-    def precommit(self, seq: int) -> Precommit:
+    def spill(self) -> int:
+        """Write the buffered items now, as ``JsonLinesSink``'s writer encodes them (between
+        batches, past 1,024 items)."""
+        n = len(self.buffer)
+        if n < 1024:
+            return 0
+        self._write()
+        return n
+
+    def _write(self) -> None:
         items = self.buffer
         for start in range(0, len(items), 4096):
             chunk = items[start:start + 4096]
@@ -93,6 +103,9 @@ class _PlainWriter:
             else:
                 self._file.write(_encode_lines(chunk))
         items.clear()
+
+    def precommit(self, seq: int) -> Precommit:
+        self._write()
         return Precommit()
 
     def finalize(self, seq: int) -> None:

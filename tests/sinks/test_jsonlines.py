@@ -414,3 +414,40 @@ def test_stdout_prints_at_precommit() -> None:
     assert pre.staged is None and pre.in_store is None
     assert stream.getvalue() == '{"key":"a","value":1}\n{"key":"b","value":2}\n'
     assert w.buffer == []
+
+
+def test_spilled_output_is_staged_with_the_rest_of_its_checkpoint(tmp_path: Path) -> None:
+    """``spill()`` encodes the buffer once it holds SPILL_ITEMS items (and empties it); the
+    checkpoint then stages exactly the spilled lines followed by the unspilled ones, and the
+    next checkpoint starts with nothing spilled."""
+    from resumeflow.sinks._jsonlines import SPILL_ITEMS
+
+    out = tmp_path / "out.jsonl"
+    w = JsonLinesSink(out).open(ctx())
+    w.buffer.extend([("a", i) for i in range(SPILL_ITEMS - 1)])
+    assert w.spill() == 0 and len(w.buffer) == SPILL_ITEMS - 1
+    w.buffer.append(("a", SPILL_ITEMS - 1))
+    assert w.spill() == SPILL_ITEMS and w.buffer == []
+    w.buffer.extend([("b", 1), ("b", 2)])
+    w.precommit(1)
+    assert out.read_bytes() == b""
+    w.finalize(1)
+    expected = [{"key": "a", "value": i} for i in range(SPILL_ITEMS)]
+    expected += [{"key": "b", "value": 1}, {"key": "b", "value": 2}]
+    assert lines(out) == expected
+    w.buffer.append(("c", 3))
+    w.precommit(2)
+    w.finalize(2)
+    assert lines(out) == [*expected, {"key": "c", "value": 3}]
+    w.close()
+
+
+def test_output_that_is_not_json_fails_at_spill_too(tmp_path: Path) -> None:
+    """An item JSON cannot encode fails when the buffer is spilled, with the same advice."""
+    from resumeflow.sinks._jsonlines import SPILL_ITEMS
+
+    w = JsonLinesSink(tmp_path / "out.jsonl").open(ctx())
+    w.buffer.extend([("a", 1)] * (SPILL_ITEMS - 1) + [("a", object())])
+    with pytest.raises(DataError, match="not JSON-serializable"):
+        w.spill()
+    w.close()

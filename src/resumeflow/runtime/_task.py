@@ -317,6 +317,9 @@ class TaskRunner:
             self.partition, self.positions.get(self.partition), follow=self.config.follow)
         self._next_position = self.reader.position
         emit = self.writers[OUT].buffer.append
+        self._spill: Callable[[], int] | None = getattr(self.writers[OUT], "spill", None)
+        self._spilled_out = 0
+        """Output items of the window the sink already encoded (``spill``)."""
         self._chain = build_chain(self.flow.operators, emit, self.states, self._undo,
                                   emit_can_fail=False)
         self._replay_until = self._replay_mark()
@@ -420,6 +423,8 @@ class TaskRunner:
         if self.window_started is None:
             self.window_started = began
         self._process(batch)
+        if self._spill is not None:
+            self._spilled_out += self._spill()
         n = len(batch.items)
         self.window_events += n
         self.stats["records_in"] = self.stats.get("records_in", 0) + n
@@ -605,8 +610,9 @@ class TaskRunner:
         began = self._clock()
         seq = self.seq + 1
         crash_point("commit.before_precommit")
-        self.stats["records_out"] = (self.stats.get("records_out", 0)
+        self.stats["records_out"] = (self.stats.get("records_out", 0) + self._spilled_out
                                      + len(self.writers[OUT].buffer))
+        self._spilled_out = 0
         stages: list[tuple[str, Callable[[], Precommit]]] = []
         for sink_id, writer in self.writers.items():
             cut = getattr(writer, "cut", None)

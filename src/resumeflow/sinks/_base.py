@@ -7,6 +7,11 @@ crash, ``recover(meta, staged)`` is given what the newest valid commit record sa
 sink and the staged output not yet released; it must finalize those again (idempotently) and
 discard anything the sink holds beyond them. ``releasable()`` names the newest ``seq`` whose
 finalized output is durable, so the store can drop its staging in the next commit.
+
+Two methods are optional. ``cut(seq)`` detaches the buffer at the checkpoint's cut and returns
+the pre-commit to run on the commit's executor (``precommit`` runs at the cut otherwise).
+``spill()``, called between batches, may encode the buffer into the sink's own pending output
+for the current checkpoint and empty it; it returns how many items it took (0: none).
 """
 
 from __future__ import annotations

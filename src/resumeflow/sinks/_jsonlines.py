@@ -46,6 +46,8 @@ _encoder = msgspec.json.Encoder()
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _CHUNK = 4096
 """Items encoded at a time."""
+SPILL_ITEMS = 1024
+"""Buffered items past which ``spill()`` encodes the buffer (between two batches)."""
 SYNC_EVERY = 8
 """Checkpoints staged in the store whose appends share one fsync of the output file (their
 staged output stays in the store until then); the fsync runs in the background."""
@@ -110,6 +112,8 @@ class _JsonLinesWriter:
         self._exactly_once = ctx.guarantee == "exactly-once"
         self._length = 0
         self._pending: dict[int, tuple[dict[str, Any], bytes | bytearray]] = {}
+        self._spilled = bytearray()
+        """The current checkpoint's output encoded so far (``spill``)."""
         self._finalized: int | None = None
         """Newest checkpoint whose output is appended to the file."""
         self._synced: int | None = None
@@ -229,19 +233,40 @@ class _JsonLinesWriter:
                 "lists, strings and numbers"
             ) from exc
 
+    def spill(self) -> int:
+        """Encode the buffered items into the checkpoint's output once there are
+        ``SPILL_ITEMS`` of them, and empty the buffer; returns how many were encoded. The
+        runtime calls it between batches, so a window's output is held as its JSON lines (a
+        few dozen bytes an item) instead of a Python object per item (about a hundred)."""
+        items = self.buffer
+        n = len(items)
+        if n < SPILL_ITEMS:
+            return 0
+        self._spilled += self._encode(items)
+        items.clear()
+        return n
+
     def precommit(self, seq: int) -> Precommit:
         return self.cut(seq)()
 
     def cut(self, seq: int) -> Callable[[], Precommit]:
-        """Detach the buffer now (the checkpoint's cut); encode and stage it when the
-        returned function runs, on the commit's executor, while new items fill the buffer."""
+        """Detach the output encoded so far and the buffer now (the checkpoint's cut); encode
+        the rest and stage it when the returned function runs, on the commit's executor,
+        while new items fill the buffer."""
         items = self.buffer.copy()
         self.buffer.clear()
-        return functools.partial(self._precommit, seq, items)
+        spilled, self._spilled = self._spilled, bytearray()
+        return functools.partial(self._precommit, seq, spilled, items)
 
-    def _precommit(self, seq: int, items: list[Any]) -> Precommit:
-        payload = self._encode(items) if items else b""
-        del items[:]
+    def _precommit(self, seq: int, spilled: bytearray, items: list[Any]) -> Precommit:
+        payload: bytes | bytearray = spilled
+        if items:
+            rest = self._encode(items)
+            del items[:]
+            if spilled:
+                spilled += rest
+            else:
+                payload = rest
         if not self._exactly_once:
             return Precommit(meta=self._append_now(payload))
         base = self._length

@@ -238,6 +238,10 @@ class _FlakyWriter:
             self.sink.fail("finalize")
         self.inner.recover(meta, staged)
 
+    def spill(self) -> int:
+        spill = getattr(self.inner, "spill", None)
+        return int(spill()) if spill is not None else 0
+
     def precommit(self, seq: int) -> Precommit:
         self.sink.fail("precommit")
         return self.inner.precommit(seq)
