@@ -21,6 +21,7 @@ from resumeflow.checkpoint import (
     StagedEntry,
     make_record,
 )
+from resumeflow.checkpoint._sqlite_state import COMPACT_AFTER, COMPACT_AFTER_MAX, compact_after
 from resumeflow.errors import (
     ClosedError,
     ConfigurationError,
@@ -489,4 +490,48 @@ def test_the_compactor_copies_the_write_ahead_log_outside_the_commits(tmp_path: 
     assert rows(alone, sql) == rows(path, sql) and rows(path, sql)[0][1] > 0
     snap = snapshot(store, w.opened.task_no, [b"k%05d" % i for i in range(500)])
     assert snap == {b"k%05d" % i: b"v%d-200" % i for i in range(500)}
+    store.close()
+
+
+def test_compact_after_grows_with_the_overlap_of_deltas() -> None:
+    """Without a measured run, and where deltas change different keys, a run starts every
+    COMPACT_AFTER deltas; the more often a run found each key, the longer the tail may grow,
+    up to COMPACT_AFTER_MAX."""
+    assert compact_after(None) == compact_after(1.0) == compact_after(0.5) == COMPACT_AFTER
+    assert compact_after(2.0) == 2 * COMPACT_AFTER
+    assert compact_after(1e6) == COMPACT_AFTER_MAX
+
+
+@pytest.mark.parametrize("same_keys", [True, False])
+def test_the_compactor_lets_the_tail_grow_where_deltas_change_the_same_keys(
+        tmp_path: Path, same_keys: bool) -> None:
+    """After a run whose deltas all changed the same keys, the next run starts only once
+    COMPACT_AFTER_MAX deltas are uncompacted; where they changed different keys, it starts
+    after COMPACT_AFTER again. Reads are exact either way."""
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path)
+    w = Writer(store)
+
+    def commit(seq: int) -> None:
+        keys = range(100) if same_keys else range(seq * 100, seq * 100 + 100)
+        w.commit(delta=[(b"k%05d" % i, b"v%d" % seq) for i in keys])
+
+    for seq in range(1, COMPACT_AFTER + 1):
+        commit(seq)
+    store._compactor.close()  # the run asked for is done
+    compacted = "SELECT compacted_seq FROM tasks"
+    assert rows(path, compacted) == [(COMPACT_AFTER,)]
+    expected = COMPACT_AFTER_MAX if same_keys else COMPACT_AFTER
+    assert store._compactor.compact_after(w.opened.task_no) == expected
+    for seq in range(COMPACT_AFTER + 1, COMPACT_AFTER + expected):
+        commit(seq)
+    store._compactor.close()
+    assert rows(path, compacted) == [(COMPACT_AFTER,)]  # one delta short of the next run
+    last = COMPACT_AFTER + expected
+    commit(last)
+    store._compactor.close()
+    assert rows(path, compacted) == [(last,)]
+    keys = range(100) if same_keys else range(last * 100, last * 100 + 100)
+    assert snapshot(store, w.opened.task_no, [b"k%05d" % i for i in keys]) == {
+        b"k%05d" % i: b"v%d" % last for i in keys}
     store.close()

@@ -29,7 +29,6 @@ from ..errors import (
 )
 from ._record import SCHEMA_VERSION, CommitRecord, decode_record, encode_record
 from ._sqlite_state import (
-    COMPACT_AFTER,
     COMPACT_ON_CLOSE_MAX_PAGES,
     MAX_TAIL_DELTAS,
     WAL_BACKSTOP_PAGES,
@@ -387,7 +386,7 @@ class SQLiteStore:
         if self._since_wal_checkpoint >= WAL_CHECKPOINT_EVERY:
             self._since_wal_checkpoint = 0
             self._compactor.checkpoint_wal()
-        if tail >= COMPACT_AFTER:
+        if tail >= self._compactor.compact_after(opened.task_no):
             self._compactor.request(opened.task_no, opened.epoch)
         if tail > MAX_TAIL_DELTAS:
             self._bound_tail(opened)

@@ -29,12 +29,14 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import msgspec
 
 __all__ = [
     "COMPACT_AFTER",
+    "COMPACT_AFTER_MAX",
     "COMPACT_ON_CLOSE_MAX_PAGES",
     "MAX_TAIL_DELTAS",
     "PAGE_KEYS",
@@ -42,6 +44,7 @@ __all__ = [
     "Compactor",
     "TailIndex",
     "compact",
+    "compact_after",
     "decode_delta",
     "delta_rows",
     "encode_delta",
@@ -53,7 +56,11 @@ log = logging.getLogger("resumeflow.store")
 
 COMPACT_AFTER = 4
 """Uncompacted deltas of a task that start a compaction (merging several deltas makes keys
-updated in every checkpoint cost one row write, not one per checkpoint)."""
+updated in every checkpoint cost one row write, not one per checkpoint), until a run has
+measured how much the task's deltas overlap (``compact_after``)."""
+
+COMPACT_AFTER_MAX = 16
+"""The most uncompacted deltas ``compact_after`` lets a task's tail reach before a run."""
 
 COMPACT_ON_CLOSE_MAX_PAGES = 1000
 """A clean close compacts the tail only up to this many pages (about 128k keys)."""
@@ -181,11 +188,25 @@ def _tail(db: sqlite3.Connection, task_no: int) -> tuple[int, int, int]:
     return int(epoch), int(compacted), int(last)
 
 
+def compact_after(overlap: float | None) -> int:
+    """Uncompacted deltas that start a task's next compaction, from the ``overlap`` its last
+    run measured (entries read from its deltas per distinct key written; ``None``: no run
+    yet). A run writes each distinct key once, so where checkpoints change the same keys
+    again (a small hot state: W1's 10,000 keys in every delta) letting the tail grow makes
+    a run cost no more while it covers more checkpoints; where they change different keys a
+    longer tail saves nothing and makes each run, and the fsync after it, larger."""
+    if overlap is None or overlap <= 1.0:
+        return COMPACT_AFTER
+    return max(COMPACT_AFTER, min(COMPACT_AFTER_MAX, int(COMPACT_AFTER * overlap)))
+
+
 def compact(db: sqlite3.Connection, task_no: int, epoch: int, recent: TailIndex,
             write_lock: threading.Lock | None = None,
-            commit_waiting: threading.Event | None = None) -> bool:
+            commit_waiting: threading.Event | None = None,
+            measured: Callable[[int, int], None] | None = None) -> bool:
     """Apply the uncompacted deltas of a task to its rows; False if there was nothing to do
-    or the task moved to another epoch (then nothing more is written).
+    or the task moved to another epoch (then nothing more is written). ``measured`` is
+    given the entries read from the deltas and the distinct keys among them.
 
     First, in short turns: undo what a crashed compaction run left half-done (reads are right
     meanwhile: every key it touched is in an uncompacted delta, which reads consult first),
@@ -199,17 +220,22 @@ def compact(db: sqlite3.Connection, task_no: int, epoch: int, recent: TailIndex,
     try:
         current, since, upto = _tail(db, task_no)
         merged: dict[bytes, bytes | None] = {}
+        entries = 0
         if current == epoch and upto > since:
             for (blob,) in db.execute(
                 "SELECT page FROM deltas WHERE task_no = ? AND seq > ? AND seq <= ? "
                 "ORDER BY seq, page_no", (task_no, since, upto)):
-                merged.update(decode_delta(bytes(blob)))
+                page = decode_delta(bytes(blob))
+                entries += len(page)
+                merged.update(page)
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
         raise
     if current != epoch or upto <= since:
         return False
+    if measured is not None:
+        measured(entries, len(merged))
     keys = sorted(merged)
     # A run with no keys (checkpoints that changed no state) still writes one, empty, undo
     # chunk: a fallback or rewind across the run finds it and takes compacted_seq back.
@@ -481,9 +507,18 @@ class Compactor:
         self._on_done = on_done
         self._queue: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
         self._pending: set[int] = set()
+        self._overlap: dict[int, float] = {}
         self._thread: threading.Thread | None = None
         self.runs = 0
         self.failures = 0
+
+    def compact_after(self, task_no: int) -> int:
+        """Uncompacted deltas of ``task_no`` that start its next run (``compact_after``)."""
+        return compact_after(self._overlap.get(task_no))
+
+    def _measured(self, task_no: int, entries: int, keys: int) -> None:
+        if keys:
+            self._overlap[task_no] = entries / keys
 
     def request(self, task_no: int, epoch: int) -> None:
         """Ask for a compaction of ``task_no`` (coalesced while one is pending)."""
@@ -526,7 +561,7 @@ class Compactor:
                     continue
                 try:
                     if compact(db, task_no, epoch, self._recent, self._write_lock,
-                               self._commit_waiting):
+                               self._commit_waiting, partial(self._measured, task_no)):
                         self.runs += 1
                         _checkpoint_wal(db, self._write_lock)
                 except Exception:
