@@ -232,7 +232,8 @@ class Cluster:
     def progress(self) -> int:
         if self.out_topic:
             return len(self.output())
-        return sum(len(p.read_bytes().splitlines()) for p in self.root.glob("out-*.jsonl"))
+        # a poll can catch a worker's last line half-written: count only finished lines
+        return sum(p.read_bytes().count(b"\n") for p in self.root.glob("out-*.jsonl"))
 
 
 def with_suppressed(action: Callable[[], Any]) -> None:
