@@ -133,8 +133,10 @@ def _throughput(opts: argparse.Namespace) -> str:
                   f"{records / float(r['seconds']):>10,.0f} rec/s", flush=True)  # type: ignore[arg-type]
     table = _summarize(results, records)
     memory = _memory(results)
+    threads = _threads(results)
     print(table)
     print(memory)
+    print(threads)
     return f"""## W1: {records:,} JSON lines, keyed running sum, every update written (exactly-once)
 
 Written by `{_command(opts)}` on {_machine(revision)}. Figures are medians of {rounds} round(s) with
@@ -151,7 +153,7 @@ all: a store that keeps nothing and a sink appending each window's lines with a 
 {table}
 
 {memory}
-"""
+{threads}"""
 
 
 def _recovery(opts: argparse.Namespace) -> str:
@@ -289,6 +291,32 @@ and say nothing about W1, so the verdict uses the first reading.
 | resumeflow vs 2 × plain + W1's hot state | {rf_mb:.0f} vs {strict:.0f} MB | {verdict(strict)} |
 | resumeflow vs 2 × plain + configured budget | {rf_mb:.0f} vs {loose:.0f} MB | {verdict(loose)} |
 """
+
+
+def _threads(results: dict[str, list[dict[str, object]]]) -> str:
+    """resumeflow's CPU seconds by thread, medians: where the cost of durability goes."""
+    runs = {name: rs for name, rs in results.items()
+            if name.startswith("rf-") and rs and "cpu_threads" in rs[0]}
+    if not runs:
+        return ""
+    roles = sorted({role for rs in runs.values() for r in rs
+                    for role in r["cpu_threads"]},  # type: ignore[attr-defined]
+                   key=lambda role: (role != "main", role))
+    lines = ["### CPU by thread, resumeflow", "",
+             "CPU seconds each thread used (`time.thread_time()` as it ends; threads of one role",
+             "summed), medians. The threads share one GIL: what the background threads spend",
+             "holding it is time the main loop waits, so the seconds of the table above are",
+             "close to the sum of these.", "",
+             "| contender | " + " | ".join(roles) + " |",
+             "|---|" + "---:|" * len(roles)]
+    for rs in runs.values():
+        cells = []
+        for role in roles:
+            values = [float(r["cpu_threads"].get(role, 0.0))  # type: ignore[attr-defined]
+                      for r in rs]
+            cells.append(f"{statistics.median(values):.2f}")
+        lines.append(f"| {rs[0]['contender']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 _MARK = "<!-- section: {} -->"
