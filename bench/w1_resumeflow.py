@@ -1,5 +1,6 @@
-"""W1 on resumeflow, exactly-once at the default commit bound (pipelined, or not: ``sync``),
-or with commits disabled (``off``).
+"""W1 on resumeflow, exactly-once at the default commit bound (pipelined, or not: ``sync``;
+with the store's compactor in a thread instead of a process of its own: ``thread``), or
+with commits disabled (``off``).
 
 "Commits disabled" is the same flow on the same runtime, cut into the same windows (100 ms /
 100,000 records), with no checkpoint write at all: a store that keeps nothing (no commit
@@ -162,12 +163,21 @@ def main(src: Path, out: Path, mode: str) -> None:
             leftover.unlink()
     out.unlink(missing_ok=True)
     config = rf.RunConfig()
-    if mode in ("default", "sync"):
+    if mode in ("default", "sync", "thread"):
         label = "resumeflow, exactly-once, 100 ms / 100k commits"
+        store: Path | rf.SQLiteStore = store_path
         if mode == "sync":
             config = rf.RunConfig(pipelined_commit=False)
             label += ", not pipelined"
-        summary = rf.run(build(src, rf.sinks.JsonLinesSink(out)), store_path, config)
+        if mode == "thread":
+            store = rf.SQLiteStore(store_path, keep_checkpoints=config.keep_checkpoints,
+                                   compactor="thread")
+            label += ", compactor thread (one process)"
+        try:
+            summary = rf.run(build(src, rf.sinks.JsonLinesSink(out)), store, config)
+        finally:
+            if isinstance(store, rf.SQLiteStore):
+                store.close()
     else:
         label = "resumeflow, commits disabled (no checkpoint writes)"
         dead = out.parent / "dead.jsonl"

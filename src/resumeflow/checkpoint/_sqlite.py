@@ -10,9 +10,11 @@ state of that checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
+import sys
 import threading
 from collections.abc import Sequence
 from contextlib import closing
@@ -28,6 +30,7 @@ from ..errors import (
     invariant,
 )
 from ._record import SCHEMA_VERSION, CommitRecord, decode_record, encode_record
+from ._sqlite_process import ProcessCompactor
 from ._sqlite_state import (
     COMPACT_ON_CLOSE_MAX_PAGES,
     MAX_TAIL_DELTAS,
@@ -42,6 +45,8 @@ from ._sqlite_state import (
 from ._store import InStoreWrite, OpenedTask, StagedEntry, TaskStatus
 
 __all__ = ["SQLiteStore"]
+
+COMPACTORS = ("process", "thread")
 
 WAL_CHECKPOINT_EVERY = 8
 """Commits between two requests for a write-ahead log checkpoint on the compactor's thread
@@ -123,10 +128,17 @@ class SQLiteStore:
         keep_checkpoints: how many newest commit records (and the state deltas they need)
             each task keeps for fallback and rewind; at least 2.
         create: create the database when missing; ``False`` for read-only tools.
+        compactor: where the background compaction runs: ``"process"`` (the default: a
+            child process, so it does not hold the pipeline's interpreter lock; it starts
+            at the first compaction and ends with the store) or ``"thread"`` (in this
+            process).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, keep_checkpoints: int = 10,
-                 create: bool = True) -> None:
+                 create: bool = True, compactor: str = "process") -> None:
+        if compactor not in COMPACTORS:
+            raise ConfigurationError(
+                f"compactor={compactor!r}: choose one of {', '.join(map(repr, COMPACTORS))}")
         if keep_checkpoints < 2:
             raise ConfigurationError(
                 f"keep_checkpoints={keep_checkpoints}: keep at least 2 so a corrupt newest "
@@ -143,10 +155,13 @@ class SQLiteStore:
         self._recent = TailIndex()
         self._compacted = threading.Condition()
         self._committed: dict[int, int] = {}
-        self._commit_waiting = threading.Event()
         self._since_wal_checkpoint = 0
-        self._compactor = Compactor(self.path, self._recent, self._notify_compacted, self._lock,
-                                    self._commit_waiting)
+        self._compactor: Compactor | ProcessCompactor
+        if compactor == "process" and sys.executable:
+            self._compactor = ProcessCompactor(self.path, self._recent, self._notify_compacted)
+        else:
+            self._compactor = Compactor(self.path, self._recent, self._notify_compacted,
+                                        self._lock, threading.Event())
         if not create and not self.path.exists():
             raise ConfigurationError(
                 f"no store at {str(self.path)!r}; pass the --store path a pipeline ran with"
@@ -362,9 +377,11 @@ class SQLiteStore:
         if delta:
             directory, rows, firsts = delta_rows(opened.task_no, record.seq, delta)
             pages = (directory, rows)
-        self._commit_waiting.set()
-        with self._lock:
-            self._commit_waiting.clear()
+        waiting = self._compactor.commit_waiting
+        waiting.set()
+        with self._lock, contextlib.ExitStack() as turn:
+            self._take_turn(turn)
+            waiting.clear()
             db = self.connection
             self._begin(db)
             try:
@@ -390,6 +407,17 @@ class SQLiteStore:
             self._compactor.request(opened.task_no, opened.epoch)
         if tail > MAX_TAIL_DELTAS:
             self._bound_tail(opened)
+
+    def _take_turn(self, held: contextlib.ExitStack) -> None:
+        """Take the write turn shared with the compactor (for a compactor process: the turn
+        file, see ``TurnFile``) until ``held`` closes."""
+        try:
+            held.enter_context(self._compactor.turn())
+        except TimeoutError as exc:
+            raise UnavailableError(
+                f"store {str(self.path)!r} is locked or unavailable ({exc}); retry, or stop the "
+                "other process using it"
+            ) from exc
 
     def _bound_tail(self, opened: OpenedTask) -> None:
         """Wait for the compactor while a task's uncompacted tail is too long (back-pressure

@@ -22,15 +22,21 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import fcntl
 import logging
+import mmap
 import operator
+import os
 import queue
+import signal
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import msgspec
 
@@ -188,6 +194,17 @@ def _tail(db: sqlite3.Connection, task_no: int) -> tuple[int, int, int]:
     return int(epoch), int(compacted), int(last)
 
 
+class Waiting(Protocol):
+    """Set while a commit waits for the write turn (a ``threading.Event``, or ``TurnFile``'s
+    byte shared with a compactor process)."""
+
+    def is_set(self) -> bool: ...
+
+
+WriteLock = contextlib.AbstractContextManager[object]
+"""The write turn taken around each write transaction of the compactor."""
+
+
 def compact_after(overlap: float | None) -> int:
     """Uncompacted deltas that start a task's next compaction, from the ``overlap`` its last
     run measured (entries read from its deltas per distinct key written; ``None``: no run
@@ -201,8 +218,8 @@ def compact_after(overlap: float | None) -> int:
 
 
 def compact(db: sqlite3.Connection, task_no: int, epoch: int, recent: TailIndex,
-            write_lock: threading.Lock | None = None,
-            commit_waiting: threading.Event | None = None,
+            write_lock: WriteLock | None = None,
+            commit_waiting: Waiting | None = None,
             measured: Callable[[int, int], None] | None = None) -> bool:
     """Apply the uncompacted deltas of a task to its rows; False if there was nothing to do
     or the task moved to another epoch (then nothing more is written). ``measured`` is
@@ -212,7 +229,7 @@ def compact(db: sqlite3.Connection, task_no: int, epoch: int, recent: TailIndex,
     meanwhile: every key it touched is in an uncompacted delta, which reads consult first),
     and drop the history no kept checkpoint needs. Neither is done at the commit point or
     when a task opens, so neither delays a commit or a resume."""
-    lock = write_lock or threading.Lock()
+    lock: WriteLock = write_lock or threading.Lock()
     if not _roll_back_partial(db, task_no, epoch, lock, commit_waiting):
         return False
     _prune_in_turns(db, task_no, lock, commit_waiting)
@@ -250,7 +267,7 @@ def compact(db: sqlite3.Connection, task_no: int, epoch: int, recent: TailIndex,
         return _finish(db, task_no, epoch, since, upto, recent)
 
 
-def _yield_to_commits(commit_waiting: threading.Event | None) -> None:
+def _yield_to_commits(commit_waiting: Waiting | None) -> None:
     """Let a waiting commit take the write lock first (a plain lock is not fair)."""
     if commit_waiting is None:
         return
@@ -367,8 +384,8 @@ def roll_back_runs_after(db: sqlite3.Connection, task_no: int, seq: int) -> int:
     return len(runs)
 
 
-def _roll_back_partial(db: sqlite3.Connection, task_no: int, epoch: int, lock: threading.Lock,
-                       commit_waiting: threading.Event | None) -> bool:
+def _roll_back_partial(db: sqlite3.Connection, task_no: int, epoch: int, lock: WriteLock,
+                       commit_waiting: Waiting | None) -> bool:
     """Undo, one chunk per transaction, the chunks of runs that never finished (their
     ``to_seq`` is past ``compacted_seq``); False if the task moved to another epoch."""
     with lock:
@@ -400,8 +417,8 @@ def _roll_back_partial(db: sqlite3.Connection, task_no: int, epoch: int, lock: t
     return True
 
 
-def _prune_in_turns(db: sqlite3.Connection, task_no: int, lock: threading.Lock,
-                    commit_waiting: threading.Event | None) -> None:
+def _prune_in_turns(db: sqlite3.Connection, task_no: int, lock: WriteLock,
+                    commit_waiting: Waiting | None) -> None:
     """Drop undo runs no kept checkpoint can need, then deltas no undo or read needs, a few
     rows per transaction (a large history is never deleted inside one commit). What to drop
     is read from a snapshot, without the write lock: commits go on meanwhile."""
@@ -443,8 +460,8 @@ def _snapshot(db: sqlite3.Connection) -> Iterator[None]:
         db.execute("COMMIT")
 
 
-def _delete_in_turn(db: sqlite3.Connection, lock: threading.Lock,
-                    commit_waiting: threading.Event | None, sql: str,
+def _delete_in_turn(db: sqlite3.Connection, lock: WriteLock,
+                    commit_waiting: Waiting | None, sql: str,
                     params: list[tuple[int, ...]]) -> None:
     _yield_to_commits(commit_waiting)
     with lock:
@@ -471,7 +488,7 @@ file, copies what commits appended meanwhile under the write lock, so that the n
 starts the log again from its beginning."""
 
 
-def _checkpoint_wal(db: sqlite3.Connection, write_lock: threading.Lock) -> None:
+def _checkpoint_wal(db: sqlite3.Connection, write_lock: WriteLock) -> None:
     """Copy the write-ahead log into the database file without waiting for readers or
     writers (``PASSIVE``), so commits go on meanwhile; when the log is long, copy the few
     pages appended during that copy with the writers held off, which lets the next write
@@ -512,6 +529,15 @@ class Compactor:
         self.runs = 0
         self.failures = 0
 
+    @property
+    def commit_waiting(self) -> threading.Event:
+        """Set by a commit while it waits for the write lock."""
+        return self._commit_waiting
+
+    def turn(self) -> contextlib.AbstractContextManager[object]:
+        """Nothing more than the write lock a commit holds already (the thread shares it)."""
+        return contextlib.nullcontext()
+
     def compact_after(self, task_no: int) -> int:
         """Uncompacted deltas of ``task_no`` that start its next run (``compact_after``)."""
         return compact_after(self._overlap.get(task_no))
@@ -545,13 +571,7 @@ class Compactor:
             self._thread = None
 
     def _run(self) -> None:
-        db = sqlite3.connect(self._path, isolation_level=None, timeout=60.0)
-        # No fsync per compaction transaction: a lost suffix of them after a power cut is a
-        # compaction that stopped earlier (its partial run is undone by the next compactor), and
-        # the next FULL commit of the store's connection makes everything before it durable.
-        db.execute("PRAGMA synchronous=NORMAL")
-        # Its transactions run under the write lock: the log is checkpointed after them.
-        db.execute("PRAGMA wal_autocheckpoint=0")
+        db = _compactor_connection(self._path)
         try:
             while (item := self._queue.get()) is not None:
                 task_no, epoch = item
@@ -574,3 +594,149 @@ class Compactor:
                     self._on_done()
         finally:
             db.close()
+
+
+class TurnFile:
+    """The write turn of a store's process and its compactor process: an ``flock`` on a small
+    file next to the database, held around each write transaction (so the two never wait
+    for each other in SQLite's busy handler, which sleeps in steps of milliseconds), and its
+    first byte, mapped in both processes, set while a commit waits for the turn (the
+    compactor then lets it go first between chunks, as a thread does with an ``Event``).
+
+    Locks of ``flock`` belong to an open file: threads of one process that share this object
+    do not exclude each other (the store's own lock orders its commits). Taking the turn
+    gives up after ``timeout`` seconds with ``TimeoutError``, as SQLite's busy handler does
+    (a stopped process must not hang the other one for ever)."""
+
+    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(self._fd).st_size < 1:
+                os.ftruncate(self._fd, 1)
+            self._map = mmap.mmap(self._fd, 1)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def __enter__(self) -> TurnFile:
+        deadline = None
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.timeout
+                elif now >= deadline:
+                    raise TimeoutError(
+                        f"the write turn of {str(self.path)!r} was held for more than "
+                        f"{self.timeout:g} s by another process") from None
+                time.sleep(0.0005)  # a compactor's chunk takes a few milliseconds
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def set(self) -> None:
+        self._map[0] = 1
+
+    def clear(self) -> None:
+        self._map[0] = 0
+
+    def is_set(self) -> bool:
+        return self._map[0] != 0
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self._fd)
+
+
+def turn_path(database: Path) -> Path:
+    """The ``TurnFile`` of a database."""
+    return database.with_name(database.name + "-turn")
+
+
+class _Forward(logging.Handler):
+    """Sends the compactor process's log records to the store's process (which logs them)."""
+
+    def __init__(self, send: Callable[[dict[str, object]], None]) -> None:
+        super().__init__(logging.INFO)
+        self._send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._send({"log": record.levelno, "message": record.getMessage()})
+
+
+def serve(path: str) -> None:
+    """The compactor process of the store at ``path``: reads requests, one JSON array a line
+    (``[task_no, epoch]``; ``[-1, 0]``: checkpoint the write-ahead log) from stdin, runs
+    them one at a time as the compactor thread does, and writes one JSON object a line per
+    request to stdout. Ends when stdin ends (the store closed, or its process died): a
+    killed worker leaves no compactor behind, at most the run it was doing, which ends at its
+    next chunk if another worker took the task."""
+    out = sys.stdout.buffer
+    write_lock = threading.Lock()
+    encode = msgspec.json.Encoder().encode
+
+    def send(message: dict[str, object]) -> None:
+        with write_lock:
+            out.write(encode(message) + b"\n")
+            out.flush()
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C stops the store, which stops us
+    log.addHandler(_Forward(send))
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    database = Path(path)
+    turn = TurnFile(turn_path(database), timeout=60.0)
+    db = _compactor_connection(database)
+    decode = msgspec.json.Decoder(tuple[int, int]).decode
+    try:
+        for line in sys.stdin.buffer:
+            task_no, epoch = decode(line)
+            send({"task": task_no, "started": True})
+            if task_no == _WAL:
+                _checkpoint_wal(db, turn)
+                send({"task": _WAL})
+                continue
+            reply: dict[str, object] = {"task": task_no}
+            seen: list[int] = []
+            try:
+                ran = compact(db, task_no, epoch, _NoTail(), turn, turn, partial(_note, seen))
+                if ran:
+                    _checkpoint_wal(db, turn)
+                    reply["upto"] = _tail(db, task_no)[1]
+                if seen:
+                    reply["entries"], reply["keys"] = seen
+            except Exception as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                reply["error"] = f"{type(exc).__name__}: {exc}"
+            send(reply)
+    finally:
+        db.close()
+        turn.close()
+
+
+def _note(seen: list[int], entries: int, keys: int) -> None:
+    seen[:] = [entries, keys]
+
+
+class _NoTail(TailIndex):
+    """The compactor process keeps no index of the tail (the store's process trims its own)."""
+
+    def trim(self, task_no: int, upto: int) -> None:
+        return None
+
+
+def _compactor_connection(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, timeout=60.0)
+    # No fsync per compaction transaction: a lost suffix of them after a power cut is a
+    # compaction that stopped earlier (its partial run is undone by the next compactor), and
+    # the next FULL commit of the store's connection makes everything before it durable.
+    db.execute("PRAGMA synchronous=NORMAL")
+    # Its transactions run under the write lock: the log is checkpointed after them.
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    return db

@@ -134,7 +134,7 @@ class _SimStore(SQLiteStore):
 
     def __init__(self, path: Path, *, keep_checkpoints: int, clock: FakeClock,
                  eager: bool) -> None:
-        super().__init__(path, keep_checkpoints=keep_checkpoints)
+        super().__init__(path, keep_checkpoints=keep_checkpoints, compactor="thread")
         self.clock = clock
         self.fail_writes = 0
         self.slow_write_s = 0.0

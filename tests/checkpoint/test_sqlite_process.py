@@ -1,0 +1,169 @@
+"""The SQLite store's compactor process: it compacts, takes turns with commits, reports its
+failures to the store's process, and ends with the store or with the store's process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from resumeflow.checkpoint import GENESIS_DIGEST, OpenedTask, SQLiteStore, make_record
+from resumeflow.checkpoint._sqlite_process import ProcessCompactor
+from resumeflow.checkpoint._sqlite_state import COMPACT_AFTER, TurnFile, turn_path
+from resumeflow.errors import ConfigurationError
+
+TASK = "orders:events.jsonl:0"
+
+
+class Writer:
+    """Commits checkpoints of one task straight through the store API."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+        self.opened: OpenedTask = store.open_task(TASK)
+        self.seq, self.digest = 0, GENESIS_DIGEST
+
+    def commit(self, delta: list[tuple[bytes, bytes | None]]) -> None:
+        record = make_record(task=TASK, epoch=self.opened.epoch, seq=self.seq + 1,
+                             positions={"0": self.seq + 1}, sink_txn={}, inflight=[],
+                             created_at=time.time(), stats={}, prev_digest=self.digest)
+        self.store.commit(self.opened, record, delta, [], [])
+        self.seq, self.digest = record.seq, record.digest
+
+
+def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+def test_the_default_store_compacts_in_a_process_of_its_own(tmp_path: Path) -> None:
+    """A default store's compactor is a child process: it merges the tail into the table,
+    the store's reads stay exact and its tail index is trimmed, and the child has ended
+    once the compactor closes."""
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path)
+    compactor = store._compactor
+    assert isinstance(compactor, ProcessCompactor)
+    w = Writer(store)
+    for seq in range(1, COMPACT_AFTER + 1):
+        w.commit([(b"k%03d" % i, b"v%d-%d" % (i, seq)) for i in range(300)])
+    proc = compactor._proc
+    assert proc is not None and proc.pid != os.getpid()
+    compactor.close()
+    assert proc.returncode == 0
+    assert rows(path, "SELECT compacted_seq, last_seq FROM tasks") == [(COMPACT_AFTER,) * 2]
+    assert compactor.runs == 1 and compactor.failures == 0
+    assert store._recent._dirs.get(w.opened.task_no, []) == []
+    for i in (0, 150, 299):
+        assert store.load_state(w.opened.task_no, b"k%03d" % i) == b"v%d-%d" % (i, COMPACT_AFTER)
+    store.close()
+
+
+def test_a_failed_compaction_is_logged_by_the_store_and_its_deltas_stay_readable(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A run that fails in the child (a damaged delta page) is logged by the store's process
+    with the task and the error; nothing is compacted, and the next request is served."""
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path)
+    w = Writer(store)
+    w.commit([(b"a", b"1")])
+    db = sqlite3.connect(path)
+    db.execute("UPDATE deltas SET page = x'c1c1c1'")
+    db.commit()
+    db.close()
+    with caplog.at_level(logging.ERROR, logger="resumeflow.store"):
+        store._compactor.request(w.opened.task_no, w.opened.epoch)
+        store._compactor.close()
+    assert store._compactor.failures == 1
+    assert any(f"task #{w.opened.task_no} failed" in r.getMessage() and "DecodeError"
+               in r.getMessage() for r in caplog.records), caplog.text
+    assert rows(path, "SELECT compacted_seq FROM tasks") == [(0,)]
+    store._compactor.checkpoint_wal()  # a new child serves the next request
+    store._compactor.close()
+    store.close()
+
+
+def test_the_write_turn_excludes_the_other_process_and_shares_its_flag(tmp_path: Path) -> None:
+    """While one process holds the write turn another cannot take it, and the waiting flag
+    one process sets is what the other reads."""
+    path = turn_path(tmp_path / "s.db")
+    probe = textwrap.dedent("""
+        import fcntl, mmap, os, sys
+        fd = os.open(sys.argv[1], os.O_RDWR)
+        flag = mmap.mmap(fd, 1)[0]
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            print("free", flag)
+        except BlockingIOError:
+            print("held", flag)
+    """)
+
+    def look() -> str:
+        return subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    turn = TurnFile(path)
+    try:
+        turn.set()
+        with turn:
+            assert look() == "held 1"
+        turn.clear()
+        assert look() == "free 0"
+    finally:
+        turn.close()
+
+
+def test_a_killed_stores_compactor_process_ends(tmp_path: Path) -> None:
+    """When the store's process is killed, its compactor process ends too (its requests
+    come through a pipe that closes): no compactor outlives its worker."""
+    script = textwrap.dedent("""
+        import os, signal, sys, time
+        from pathlib import Path
+        from resumeflow.checkpoint import GENESIS_DIGEST, SQLiteStore, make_record
+        store = SQLiteStore(Path(sys.argv[1]))
+        opened = store.open_task("t:x:0")
+        digest = GENESIS_DIGEST
+        for seq in range(1, 9):
+            record = make_record(task="t:x:0", epoch=opened.epoch, seq=seq,
+                                 positions={"0": seq}, sink_txn={}, inflight=[],
+                                 created_at=time.time(), stats={}, prev_digest=digest)
+            store.commit(opened, record, [(b"k%d" % i, b"v%d" % seq) for i in range(2000)],
+                         [], [])
+            digest = record.digest
+        print(store._compactor._proc.pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "s.db")],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    child = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 20
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child), f"compactor process {child} outlived its killed store"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def test_an_unknown_compactor_is_refused_with_the_choices(tmp_path: Path) -> None:
+    """A compactor setting other than "process" or "thread" fails at start, naming both."""
+    with pytest.raises(ConfigurationError, match="'process', 'thread'"):
+        SQLiteStore(tmp_path / "s.db", compactor="fork")
