@@ -34,7 +34,6 @@ def report(**fields: object) -> None:
     fields["maxrss_mb"] = usage.ru_maxrss / 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     fields["child_cpu_s"] = children.ru_utime + children.ru_stime
-    fields["child_maxrss_mb"] = children.ru_maxrss / 1024
     fields["cpu_s"] = usage.ru_utime + usage.ru_stime + fields["child_cpu_s"]
     """CPU time of the whole process (every thread; start-up included) and of the child
     processes it waited for (resumeflow's compactor process)."""

@@ -275,11 +275,14 @@ def _memory(results: dict[str, list[dict[str, object]]]) -> str:
     w1_hot, budget_hot = _hot_state_mb(W1_KEYS), _hot_state_mb(int(bound))
     strict, loose = 2 * plain_mb + w1_hot, 2 * plain_mb + budget_hot
     off = f"{_median(results['rf-off'], 'maxrss_mb'):.0f} MB" if results.get("rf-off") else "-"
-    child = f"{_median(results['rf-default'], 'child_maxrss_mb'):.0f} MB" \
-        if "child_maxrss_mb" in results["rf-default"][0] else "-"
+    child_mb = _median(results["rf-default"], "child_peak_rss_mb") \
+        if "child_peak_rss_mb" in results["rf-default"][0] else 0.0
+    both = rf_mb + child_mb
+    """The verdicts count the compactor process too: the sum of the two peaks, an upper
+    bound (they need not peak together, and they share library pages)."""
 
     def verdict(limit: float) -> str:
-        return "met" if rf_mb <= limit else "**MISSED**"
+        return "met" if both <= limit else "**MISSED**"
 
     return f"""### Peak memory of W1
 
@@ -288,17 +291,20 @@ here as the hot state W1 can hold: its {W1_KEYS:,} keys, all of them dirty (the 
 holds between two commits), {w1_hot:.1f} MB measured with tracemalloc on a `KeyedState`
 filled as the W1 reduce fills it. Read as the configured bound instead (`max_hot_keys` =
 {bound:,.0f} keys, {budget_hot:.0f} MB by the same measure) the goal would allow {loose:.0f} MB
-and say nothing about W1, so the verdict uses the first reading.
+and say nothing about W1, so the verdict uses the first reading. resumeflow's figure in the
+verdicts is its process's peak plus its compactor process's (sampled `VmHWM`: the child's
+`ru_maxrss` would count pages it shared with its parent before `exec`), an upper bound.
 
 | figure | value | goal |
 |---|---:|---|
 | peak RSS, plain loop | {plain_mb:.0f} MB | - |
 | peak RSS, resumeflow at its default commit bound | {rf_mb:.0f} MB | - |
+| peak RSS of its compactor process | {child_mb:.0f} MB | - |
+| both (resumeflow's process and its compactor's) | {both:.0f} MB | - |
 | peak RSS, resumeflow with commits disabled | {off} | - |
-| peak RSS of resumeflow's compactor process (not in the figures above) | {child} | - |
-| resumeflow ÷ plain loop | {rf_mb / plain_mb:.2f} | - |
-| resumeflow vs 2 × plain + W1's hot state | {rf_mb:.0f} vs {strict:.0f} MB | {verdict(strict)} |
-| resumeflow vs 2 × plain + configured budget | {rf_mb:.0f} vs {loose:.0f} MB | {verdict(loose)} |
+| resumeflow's process ÷ plain loop | {rf_mb / plain_mb:.2f} | - |
+| both vs 2 × plain + W1's hot state | {both:.0f} vs {strict:.0f} MB | {verdict(strict)} |
+| both vs 2 × plain + configured budget | {both:.0f} vs {loose:.0f} MB | {verdict(loose)} |
 """
 
 

@@ -1,5 +1,5 @@
-"""The SQLite store's compactor process: it compacts, takes turns with commits, reports its
-failures to the store's process, and ends with the store or with the store's process."""
+"""The SQLite store's compactor process: it compacts, lets waiting commits go first, reports
+its failures to the store's process, and ends with the store or with the store's process."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 
 from resumeflow.checkpoint import GENESIS_DIGEST, OpenedTask, SQLiteStore, make_record
 from resumeflow.checkpoint._sqlite_process import ProcessCompactor
-from resumeflow.checkpoint._sqlite_state import COMPACT_AFTER, TurnFile, turn_path
+from resumeflow.checkpoint._sqlite_state import COMPACT_AFTER, WaitingFlag, waiting_path
 from resumeflow.errors import ConfigurationError
 
 TASK = "orders:events.jsonl:0"
@@ -95,34 +95,47 @@ def test_a_failed_compaction_is_logged_by_the_store_and_its_deltas_stay_readable
     store.close()
 
 
-def test_the_write_turn_excludes_the_other_process_and_shares_its_flag(tmp_path: Path) -> None:
-    """While one process holds the write turn another cannot take it, and the waiting flag
-    one process sets is what the other reads."""
-    path = turn_path(tmp_path / "s.db")
-    probe = textwrap.dedent("""
-        import fcntl, mmap, os, sys
-        fd = os.open(sys.argv[1], os.O_RDWR)
-        flag = mmap.mmap(fd, 1)[0]
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            print("free", flag)
-        except BlockingIOError:
-            print("held", flag)
-    """)
+def test_the_waiting_flag_one_process_sets_is_what_the_other_reads(tmp_path: Path) -> None:
+    """The byte a commit sets while it waits for the write lock is read as set by another
+    process that maps the same file, and as clear once the commit clears it."""
+    path = waiting_path(tmp_path / "s.db")
+    probe = "import mmap, os, sys; print(mmap.mmap(os.open(sys.argv[1], os.O_RDWR), 1)[0])"
 
     def look() -> str:
         return subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True,
                               text=True, check=True).stdout.strip()
 
-    turn = TurnFile(path)
+    flag = WaitingFlag(path)
     try:
-        turn.set()
-        with turn:
-            assert look() == "held 1"
-        turn.clear()
-        assert look() == "free 0"
+        flag.set()
+        assert flag.is_set() and look() == "1"
+        flag.clear()
+        assert not flag.is_set() and look() == "0"
     finally:
-        turn.close()
+        flag.close()
+
+
+def test_a_commit_waiting_for_the_compactor_process_is_let_in_first(tmp_path: Path) -> None:
+    """While the compactor process runs over a long tail, commits keep landing: the child
+    yields between chunks to a commit that set the waiting flag, so no commit waits for the
+    whole run."""
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path)
+    w = Writer(store)
+    for seq in range(1, 21):
+        w.commit([(b"k%05d" % (seq * 10_000 + i), b"v") for i in range(5_000)])
+    store._compactor.request(w.opened.task_no, w.opened.epoch)
+    slowest, during = 0.0, 0
+    deadline = time.monotonic() + 120
+    while rows(path, "SELECT compacted_seq FROM tasks")[0][0] < 20:
+        assert time.monotonic() < deadline, "the compactor process never finished its run"
+        began = time.perf_counter()
+        w.commit([(b"hot", b"%d" % w.seq)])
+        slowest, during = max(slowest, time.perf_counter() - began), during + 1
+    store._compactor.close()
+    assert during >= 3, f"only {during} commit(s) ran beside the compaction run"
+    assert slowest < 2.0, f"a commit waited {slowest:.2f} s for the compactor process"
+    store.close()
 
 
 def test_a_killed_stores_compactor_process_ends(tmp_path: Path) -> None:

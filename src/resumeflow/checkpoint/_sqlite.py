@@ -10,7 +10,6 @@ state of that checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sqlite3
@@ -379,11 +378,12 @@ class SQLiteStore:
             pages = (directory, rows)
         waiting = self._compactor.commit_waiting
         waiting.set()
-        with self._lock, contextlib.ExitStack() as turn:
-            self._take_turn(turn)
-            waiting.clear()
-            db = self.connection
-            self._begin(db)
+        with self._lock:
+            try:
+                db = self.connection
+                self._begin(db)
+            finally:
+                waiting.clear()
             try:
                 self._check_owner(db, opened, record)
                 self._write(db, opened.task_no, record, raw, pages, staged, release, in_store)
@@ -407,17 +407,6 @@ class SQLiteStore:
             self._compactor.request(opened.task_no, opened.epoch)
         if tail > MAX_TAIL_DELTAS:
             self._bound_tail(opened)
-
-    def _take_turn(self, held: contextlib.ExitStack) -> None:
-        """Take the write turn shared with the compactor (for a compactor process: the turn
-        file, see ``TurnFile``) until ``held`` closes."""
-        try:
-            held.enter_context(self._compactor.turn())
-        except TimeoutError as exc:
-            raise UnavailableError(
-                f"store {str(self.path)!r} is locked or unavailable ({exc}); retry, or stop the "
-                "other process using it"
-            ) from exc
 
     def _bound_tail(self, opened: OpenedTask) -> None:
         """Wait for the compactor while a task's uncompacted tail is too long (back-pressure

@@ -4,8 +4,9 @@ A compactor thread shares the interpreter's lock with the pipeline: what it spen
 (decoding the deltas, merging them, building the statements) is time the main loop cannot
 run, even with a core idle. In a process of its own the compaction runs beside the pipeline.
 It is the same code (``_sqlite_state.serve``), on its own connection as the thread's is; the
-two processes take turns at writing through a ``TurnFile``, and the store's process keeps its
-index of the tail, trimmed from the compactor's replies.
+two processes take turns at writing through SQLite's lock (a commit that waits sets a
+``WaitingFlag``, and the compactor lets it go first), and the store's process keeps its index
+of the tail, trimmed from the compactor's replies.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import IO
 import msgspec
 
 from . import _sqlite_state
-from ._sqlite_state import TailIndex, TurnFile, compact_after, turn_path
+from ._sqlite_state import TailIndex, WaitingFlag, compact_after, waiting_path
 
 __all__ = ["ProcessCompactor"]
 
@@ -76,20 +77,16 @@ class ProcessCompactor:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
-        self._turn: TurnFile | None = None
+        self._waiting: WaitingFlag | None = None
         self._pending: set[int] = set()
         self._overlap: dict[int, float] = {}
         self.runs = 0
         self.failures = 0
 
     @property
-    def commit_waiting(self) -> TurnFile | _Idle:
-        """Set by a commit while it waits for the write turn."""
-        return self._turn if self._turn is not None else _Idle()
-
-    def turn(self) -> contextlib.AbstractContextManager[object]:
-        """The write turn a commit holds around its transaction."""
-        return self._turn if self._turn is not None else contextlib.nullcontext()
+    def commit_waiting(self) -> WaitingFlag | _Idle:
+        """Set by a commit while it waits for SQLite's write lock."""
+        return self._waiting if self._waiting is not None else _Idle()
 
     def compact_after(self, task_no: int) -> int:
         """Uncompacted deltas of ``task_no`` that start its next run (``compact_after``)."""
@@ -123,16 +120,16 @@ class ProcessCompactor:
         readable. (A later request starts a new process.)"""
         with self._lock:
             self._stop_locked()
-            if self._turn is not None:
-                self._turn.close()
-                self._turn = None
+            if self._waiting is not None:
+                self._waiting.close()
+                self._waiting = None
 
     def _start(self) -> IO[bytes]:
         if self._proc is not None and self._proc.stdin is not None:
             return self._proc.stdin
-        if self._turn is None:
-            self._turn = TurnFile(turn_path(self._path))
-            self._turn.clear()  # a flag a killed process left set
+        if self._waiting is None:
+            self._waiting = WaitingFlag(waiting_path(self._path))
+            self._waiting.clear()  # a flag a killed process left set
         proc = subprocess.Popen(
             [sys.executable, "-c", _BOOT, _sqlite_state.__file__, str(self._path)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)

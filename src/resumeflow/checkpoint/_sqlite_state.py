@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import fcntl
 import logging
 import mmap
 import operator
@@ -488,18 +487,32 @@ file, copies what commits appended meanwhile under the write lock, so that the n
 starts the log again from its beginning."""
 
 
-def _checkpoint_wal(db: sqlite3.Connection, write_lock: WriteLock) -> None:
+def _checkpoint_wal(db: sqlite3.Connection, write_lock: WriteLock | None) -> None:
     """Copy the write-ahead log into the database file without waiting for readers or
     writers (``PASSIVE``), so commits go on meanwhile; when the log is long, copy the few
     pages appended during that copy with the writers held off, which lets the next write
-    start the log from its beginning (a checkpoint alone never shortens it)."""
+    start the log from its beginning (a checkpoint alone never shortens it): under
+    ``write_lock``, or without one (another process's commits) as a ``RESTART`` checkpoint,
+    which holds SQLite's write lock itself and waits at most ``_RESTART_WAIT_MS`` for it."""
     try:
         _, pages, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         if pages >= WAL_RESTART_PAGES:
-            with write_lock:
-                db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if write_lock is not None:
+                with write_lock:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            else:
+                (timeout,) = db.execute("PRAGMA busy_timeout").fetchone()
+                db.execute(f"PRAGMA busy_timeout={_RESTART_WAIT_MS}")
+                try:
+                    db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                finally:
+                    db.execute(f"PRAGMA busy_timeout={int(timeout)}")
     except sqlite3.OperationalError as exc:  # another checkpoint is running
         log.debug("write-ahead log checkpoint skipped: %s", exc)
+
+
+_RESTART_WAIT_MS = 20
+"""How long a compactor process's ``RESTART`` checkpoint waits for a commit or a reader."""
 
 
 class Compactor:
@@ -533,10 +546,6 @@ class Compactor:
     def commit_waiting(self) -> threading.Event:
         """Set by a commit while it waits for the write lock."""
         return self._commit_waiting
-
-    def turn(self) -> contextlib.AbstractContextManager[object]:
-        """Nothing more than the write lock a commit holds already (the thread shares it)."""
-        return contextlib.nullcontext()
 
     def compact_after(self, task_no: int) -> int:
         """Uncompacted deltas of ``task_no`` that start its next run (``compact_after``)."""
@@ -596,48 +605,23 @@ class Compactor:
             db.close()
 
 
-class TurnFile:
-    """The write turn of a store's process and its compactor process: an ``flock`` on a small
-    file next to the database, held around each write transaction (so the two never wait
-    for each other in SQLite's busy handler, which sleeps in steps of milliseconds), and its
-    first byte, mapped in both processes, set while a commit waits for the turn (the
-    compactor then lets it go first between chunks, as a thread does with an ``Event``).
+class WaitingFlag:
+    """A byte in a small file next to the database, mapped in the store's process and in its
+    compactor process: set while a commit waits for SQLite's write lock, so that the
+    compactor lets it go first between two chunks (as a compactor thread does with an
+    ``Event``). The turns themselves are SQLite's lock: a commit waiting for a chunk sleeps in
+    SQLite's busy handler, without the interpreter lock, and gives up after the store's busy
+    timeout as it always does."""
 
-    Locks of ``flock`` belong to an open file: threads of one process that share this object
-    do not exclude each other (the store's own lock orders its commits). Taking the turn
-    gives up after ``timeout`` seconds with ``TimeoutError``, as SQLite's busy handler does
-    (a stopped process must not hang the other one for ever)."""
-
-    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.timeout = timeout
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            if os.fstat(self._fd).st_size < 1:
-                os.ftruncate(self._fd, 1)
-            self._map = mmap.mmap(self._fd, 1)
-        except BaseException:
-            os.close(self._fd)
-            raise
-
-    def __enter__(self) -> TurnFile:
-        deadline = None
-        while True:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return self
-            except BlockingIOError:
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self.timeout
-                elif now >= deadline:
-                    raise TimeoutError(
-                        f"the write turn of {str(self.path)!r} was held for more than "
-                        f"{self.timeout:g} s by another process") from None
-                time.sleep(0.0005)  # a compactor's chunk takes a few milliseconds
-
-    def __exit__(self, *exc: object) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+            if os.fstat(fd).st_size < 1:
+                os.ftruncate(fd, 1)
+            self._map = mmap.mmap(fd, 1)
+        finally:
+            os.close(fd)  # the mapping keeps the file
 
     def set(self) -> None:
         self._map[0] = 1
@@ -650,12 +634,11 @@ class TurnFile:
 
     def close(self) -> None:
         self._map.close()
-        os.close(self._fd)
 
 
-def turn_path(database: Path) -> Path:
-    """The ``TurnFile`` of a database."""
-    return database.with_name(database.name + "-turn")
+def waiting_path(database: Path) -> Path:
+    """The ``WaitingFlag`` of a database."""
+    return database.with_name(database.name + "-waiting")
 
 
 class _Forward(logging.Handler):
@@ -690,23 +673,25 @@ def serve(path: str) -> None:
     log.setLevel(logging.INFO)
     log.propagate = False
     database = Path(path)
-    turn = TurnFile(turn_path(database), timeout=60.0)
+    waiting = WaitingFlag(waiting_path(database))
     db = _compactor_connection(database)
+    turn = contextlib.nullcontext()  # SQLite's write lock is the turn
     decode = msgspec.json.Decoder(tuple[int, int]).decode
     try:
         for line in sys.stdin.buffer:
             task_no, epoch = decode(line)
             send({"task": task_no, "started": True})
             if task_no == _WAL:
-                _checkpoint_wal(db, turn)
+                _checkpoint_wal(db, None)
                 send({"task": _WAL})
                 continue
             reply: dict[str, object] = {"task": task_no}
             seen: list[int] = []
             try:
-                ran = compact(db, task_no, epoch, _NoTail(), turn, turn, partial(_note, seen))
+                ran = compact(db, task_no, epoch, _NoTail(), turn, waiting,
+                              partial(_note, seen))
                 if ran:
-                    _checkpoint_wal(db, turn)
+                    _checkpoint_wal(db, None)
                     reply["upto"] = _tail(db, task_no)[1]
                 if seen:
                     reply["entries"], reply["keys"] = seen
@@ -717,7 +702,7 @@ def serve(path: str) -> None:
             send(reply)
     finally:
         db.close()
-        turn.close()
+        waiting.close()
 
 
 def _note(seen: list[int], entries: int, keys: int) -> None:

@@ -126,7 +126,7 @@ class _Outputs:
 
 
 def _remove_store(store: Path) -> None:
-    for suffix in ("", "-wal", "-shm", "-turn", ".progress"):
+    for suffix in ("", "-wal", "-shm", "-waiting", ".progress"):
         Path(f"{store}{suffix}").unlink(missing_ok=True)
     shutil.rmtree(f"{store}.deadletters", ignore_errors=True)
 
