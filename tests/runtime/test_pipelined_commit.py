@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ import pytest
 import resumeflow as rf
 from resumeflow.checkpoint import CommitRecord, OpenedTask, StagedEntry, decode_record
 from resumeflow.checkpoint._store import InStoreWrite
-from resumeflow.errors import UnavailableError
+from resumeflow.errors import ConfigurationError, UnavailableError
 from resumeflow.runtime import TaskRunner
 from resumeflow.runtime._task import (
     CommitExecutor,
@@ -212,3 +213,32 @@ def test_a_window_that_fills_the_bound_commits_on_the_task_thread_when_alone(
     expected = [here if alone and f else "rf-commit-test" for f in full]
     assert store.threads[:len(full)] == expected
     assert work.output("jsonl") == events.running_totals()
+
+
+@pytest.mark.parametrize("interval", [0.001, None])
+def test_a_run_sets_the_switch_interval_while_it_lasts(work: Any, interval: float | None) -> None:
+    """While a run lasts the interpreter switches threads at its ``switch_interval_s`` (so
+    the commit thread gets the interpreter lock back soon after each write), and once the
+    run ends the interval it found is back; ``None`` leaves it alone throughout."""
+    found = sys.getswitchinterval()
+    during: list[float] = []
+
+    def look(event: Any) -> Any:
+        during.append(sys.getswitchinterval())
+        return event
+
+    events = work.events(200)
+    summary = rf.run(work.flow(events, check=look), work.store,
+                     rf.RunConfig(switch_interval_s=interval))
+    assert summary.records_in == 200
+    assert set(during) == {found if interval is None else interval}
+    assert sys.getswitchinterval() == found
+    assert work.output("jsonl") == events.running_totals()
+
+
+@pytest.mark.parametrize("bad", [0, -0.001, 2.0, math.inf, True, "1ms"])
+def test_a_switch_interval_out_of_range_is_refused_at_start(bad: Any) -> None:
+    """A switch interval that is not a number of seconds in (0, 1] fails when the config is
+    made, with a message naming the setting."""
+    with pytest.raises(ConfigurationError, match="switch_interval_s"):
+        rf.RunConfig(switch_interval_s=bad)

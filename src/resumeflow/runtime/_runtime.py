@@ -21,6 +21,7 @@ import logging
 import random
 import signal
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -307,7 +308,7 @@ class Runtime:
         started = self._clock()
         self._run_started = started
         summary = self._summary
-        with self._signals():
+        with self._signals(), _switch_interval(self.config.switch_interval_s):
             try:
                 if not self._joined:
                     self.open()
@@ -443,6 +444,34 @@ class Runtime:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+_switch_lock = threading.Lock()
+_switch_runs = 0
+_switch_found = 0.0
+
+
+@contextmanager
+def _switch_interval(seconds: float | None) -> Iterator[None]:
+    """``RunConfig.switch_interval_s`` while a run lasts: the first running ``Runtime`` of the
+    process keeps the interval it found, each sets its own, and the last to end puts the one
+    found back."""
+    global _switch_runs, _switch_found
+    if seconds is None:
+        yield
+        return
+    with _switch_lock:
+        if _switch_runs == 0:
+            _switch_found = sys.getswitchinterval()
+        _switch_runs += 1
+        sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _switch_runs -= 1
+            if _switch_runs == 0:
+                sys.setswitchinterval(_switch_found)
 
 
 def _few(partitions: list[str]) -> str:
