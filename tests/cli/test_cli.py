@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sqlite3
 import subprocess
 import threading
@@ -270,6 +271,36 @@ def test_fenced_run_exits_3(work: Any) -> None:
     assert proc.returncode == 3, stderr
     assert "fenced: task 'orders:events.jsonl:0' is owned by epoch 2" in stderr
     assert len(work.output("jsonl")) == 2000
+
+
+@pytest.mark.slow
+def test_sigusr1_prints_every_threads_stack_and_the_run_goes_on(work: Any) -> None:
+    """SIGUSR1 makes a running pipeline print each thread's stack to stderr without stopping
+    it: a SIGTERM afterwards still ends it with exit code 0 and all of its output."""
+    events = work.events(2000)
+    args = work.run_args(work.pipeline(events), "--follow")
+    proc = subprocess.Popen(work.cli_args(*args), cwd=work.root, env=work.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr or []), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(work.output("jsonl")) < 2000 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=10)
+    stderr = "".join(lines)
+    assert proc.returncode == 0, stderr
+    assert re.search(r"[Tt]hread 0x[0-9a-f]+ \(most recent call first\)", stderr), stderr
+    assert "_runtime.py" in stderr, stderr
+    assert work.output("jsonl") == events.running_totals()
 
 
 GLOB_FLOW = '''

@@ -177,12 +177,22 @@ class Cluster:
         return held
 
     def diagnostics(self) -> str:
+        """The tail of each worker's log, runs of alike lines (the client's reconnects)
+        folded into one."""
         parts = []
         for i, log in enumerate(self.logs):
             text = log.read_text(errors="replace") if log.exists() else "(no log)"
             parts.append(f"---- worker {i} (exit {self.workers[i].poll()}) ----\n"
-                         + "\n".join(text.splitlines()[-60:]))
+                         + "\n".join(_fold(text.splitlines())[-120:]))
         return "\n".join(parts)
+
+    def dump_stacks(self) -> None:
+        """Make every live worker print its threads' stacks into its log (SIGUSR1)."""
+        live = [w for w in self.workers if w.poll() is None]
+        for w in live:
+            with_suppressed(lambda w=w: w.send_signal(signal.SIGUSR1))
+        if live:
+            time.sleep(1.0)
 
     # -- output --------------------------------------------------------------------------
 
@@ -226,6 +236,7 @@ class Cluster:
         deadline = time.monotonic() + timeout_s
         while not condition():
             if time.monotonic() > deadline:
+                self.dump_stacks()
                 raise AssertionError(f"timed out waiting for {what}\n{self.diagnostics()}")
             time.sleep(0.1)
 
@@ -234,6 +245,25 @@ class Cluster:
             return len(self.output())
         # a poll can catch a worker's last line half-written: count only finished lines
         return sum(p.read_bytes().count(b"\n") for p in self.root.glob("out-*.jsonl"))
+
+
+def _fold(lines: list[str]) -> list[str]:
+    """``lines`` with each run of lines that differ only in their numbers kept once, with
+    its count."""
+    out: list[str] = []
+    shape, count = None, 0
+    for line in lines:
+        this = re.sub(r"\d+", "N", line)
+        if this == shape:
+            count += 1
+            continue
+        if count > 1:
+            out.append(f"    (the line above {count} times)")
+        out.append(line)
+        shape, count = this, 1
+    if count > 1:
+        out.append(f"    (the line above {count} times)")
+    return out
 
 
 def with_suppressed(action: Callable[[], Any]) -> None:

@@ -6,9 +6,11 @@ Exit codes: 0 done, 1 failure, 2 bad usage or configuration (nothing was process
 
 from __future__ import annotations
 
+import faulthandler
 import importlib.util
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -88,7 +90,13 @@ class _Group(click.Group):
 @click.group(cls=_Group)
 @click.version_option(package_name="resumeflow")
 def main() -> None:
-    """Stream processing that resumes exactly where it left off."""
+    """Stream processing that resumes exactly where it left off.
+
+    A running command prints every thread's stack to stderr on SIGUSR1 (kill -USR1 PID), to
+    see where a stuck worker waits.
+    """
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 @main.command()

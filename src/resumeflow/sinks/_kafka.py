@@ -227,8 +227,9 @@ class _KafkaWriter:
             return
         producer = self._live()
         with self._txn_lock:
-            self._retry("initializing the transactional producer (fences the previous owner)",
-                        lambda: producer.init_transactions(self.sink.op_timeout_s))
+            what = "initializing the transactional producer (fences the previous owner)"
+            self._retry(what, lambda: self._bounded(
+                what, lambda: producer.init_transactions(self.sink.op_timeout_s)))
             published = self._read_marker()
         committed = int(meta["seq"]) if meta else 0
         if published > committed:
@@ -352,9 +353,10 @@ class _KafkaWriter:
             if _fenced(err):
                 self._fenced(err)
             raise self._retire(self._unavailable(what, err)) from exc
+        committing = f"committing the transaction of checkpoint {seq}"
         try:
-            self._retry(f"committing the transaction of checkpoint {seq}",
-                        lambda: producer.commit_transaction(timeout))
+            self._retry(committing, lambda: self._bounded(
+                committing, lambda: producer.commit_transaction(timeout)))
         except UnavailableError as exc:
             raise self._retire(exc) from None
 
@@ -444,7 +446,12 @@ class _KafkaWriter:
     def _bounded(self, what: str, call: Callable[[], None]) -> None:
         """``call()`` on a helper thread, given up (retiring the producer) when it outlives its
         own timeout: after a broker restart librdkafka 2.16 was seen to block in
-        ``send_offsets_to_transaction`` far beyond the timeout it was given."""
+        ``send_offsets_to_transaction`` far beyond the timeout it was given (and a CI run saw a
+        worker stall with no log line for 120 s after a broker restart, when only
+        ``init_transactions`` and ``commit_transaction`` were left unbounded). Every
+        transactional call that waits on the broker goes through here, so a hung client
+        restarts the task (whose next producer's ``init_transactions`` fences this one)
+        instead of stalling it."""
         outcome: list[BaseException | None] = []
 
         def run() -> None:
