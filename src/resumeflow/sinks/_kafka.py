@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 
 from .._faults import crash_point
+from .._logrepeat import RepeatFilter
 from ..checkpoint import StagedEntry
 from ..errors import (
     ClosedError,
@@ -54,6 +55,7 @@ __all__ = ["KafkaSink"]
 
 log = logging.getLogger("resumeflow.sinks.kafka")
 _client_log = logging.getLogger("resumeflow.sinks.kafka.client")
+_client_log.addFilter(RepeatFilter())
 
 _encoder = msgspec.json.Encoder()
 _Message = tuple[bytes | None, bytes]

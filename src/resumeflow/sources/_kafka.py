@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
+from .._logrepeat import RepeatFilter
 from ..errors import BadRecordError, ConfigurationError, DataError, UnavailableError
 from ._base import Batch
 
@@ -52,6 +53,7 @@ __all__ = ["KafkaRecord", "KafkaSource"]
 
 log = logging.getLogger("resumeflow.sources.kafka")
 _client_log = logging.getLogger("resumeflow.sources.kafka.client")
+_client_log.addFilter(RepeatFilter())
 
 _T = TypeVar("_T")
 _decoder = msgspec.json.Decoder()
