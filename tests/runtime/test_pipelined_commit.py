@@ -215,6 +215,65 @@ def test_a_window_that_fills_the_bound_commits_on_the_task_thread_when_alone(
     assert work.output("jsonl") == events.running_totals()
 
 
+class PreparingStore(rf.SQLiteStore):
+    """A SQLite store that notes, per checkpoint, when its delta was prepared and whether
+    the commit got the prepared delta (when it had one)."""
+
+    prepared: list[tuple[int, float]]
+    got_prepared: list[bool]
+
+    def prepare_delta(self, opened: OpenedTask, seq: int,
+                      delta: Sequence[tuple[bytes, bytes | None]]) -> Any:
+        self.prepared.append((seq, time.monotonic()))
+        return super().prepare_delta(opened, seq, delta)
+
+    def commit(self, opened: OpenedTask, record: CommitRecord,
+               delta: Sequence[tuple[bytes, bytes | None]], staged: Sequence[StagedEntry],
+               release: Sequence[tuple[str, int]], in_store: Sequence[InStoreWrite] = ()) -> None:
+        if delta:
+            self.got_prepared.append(type(delta).__name__ == "_PreparedDelta")
+        super().commit(opened, record, delta, staged, release, in_store)
+
+
+@pytest.mark.parametrize("alone", [True, False])
+def test_sinks_stage_on_the_stager_while_the_store_prepares_the_delta(
+        work: Any, alone: bool) -> None:
+    """A pipelined task's sinks write their output's staging file on the task's stager
+    thread, and the store encodes the checkpoint's delta without waiting for it (inline or
+    on the commit thread); the commit gets the encoded delta and the output stays exact."""
+    events = work.events(600)
+    store = PreparingStore(work.store)
+    store.prepared, store.got_prepared = [], []
+    staged_on: list[tuple[str, float, float]] = []
+    task = runner(work, events, store, ThreadCommitExecutor("rf-commit-test"),
+                  replay_max_events=100, batch_max_records=50)
+    writer = task.writers["out"]
+    writer._inline_max = 0  # type: ignore[attr-defined]  # always a staging file
+    stage = writer._stage  # type: ignore[attr-defined]
+
+    def slow_stage(*args: Any) -> None:
+        began = time.monotonic()
+        time.sleep(0.05)
+        stage(*args)
+        staged_on.append((threading.current_thread().name, began, time.monotonic()))
+
+    writer._stage = slow_stage  # type: ignore[attr-defined]
+    while not task.at_end:
+        task.step()
+        if task.commit_due():
+            task.commit_async(alone=alone)
+    task.commit()
+    task.close()
+    assert durable_position(store, events) == 600
+    store.close()
+    assert staged_on and len(staged_on) == len(store.prepared)
+    assert {name for name, _, _ in staged_on} == {f"resumeflow-stage {task.task_id}"}
+    for (_, _, ended), (_, prepared_at) in zip(staged_on, store.prepared, strict=True):
+        assert prepared_at < ended  # the delta was encoded without waiting for the staging
+    assert len(store.got_prepared) == len(store.prepared) and all(store.got_prepared)
+    assert work.output("jsonl") == events.running_totals()
+
+
 @pytest.mark.parametrize("interval", [0.001, None])
 def test_a_run_sets_the_switch_interval_while_it_lasts(work: Any, interval: float | None) -> None:
     """While a run lasts the interpreter switches threads at its ``switch_interval_s`` (so

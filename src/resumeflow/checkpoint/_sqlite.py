@@ -119,6 +119,17 @@ CREATE TABLE IF NOT EXISTS rewinds (
 """
 
 
+class _PreparedDelta(list[tuple[bytes, bytes | None]]):
+    """A state delta with its pages encoded for one task's checkpoint (``prepare_delta``);
+    still the list of changed keys, so any store can take it as a plain delta."""
+
+    def __init__(self, delta: Sequence[tuple[bytes, bytes | None]], task_no: int,
+                 seq: int) -> None:
+        super().__init__(delta)
+        self.made_for = (task_no, seq)
+        self.encoded = delta_rows(task_no, seq, delta)
+
+
 class SQLiteStore:
     """A store in one SQLite file; the default for one process.
 
@@ -359,6 +370,13 @@ class SQLiteStore:
 
     # -- the commit point ------------------------------------------------------------------
 
+    def prepare_delta(self, opened: OpenedTask, seq: int,
+                      delta: Sequence[tuple[bytes, bytes | None]]) -> _PreparedDelta:
+        """Encode checkpoint ``seq``'s delta into its pages ahead of ``commit`` (the runtime
+        does it while the sinks stage their output); ``commit`` takes the result as the
+        delta. Writes nothing."""
+        return _PreparedDelta(delta, opened.task_no, seq)
+
     def commit(
         self,
         opened: OpenedTask,
@@ -374,7 +392,11 @@ class SQLiteStore:
         pages: tuple[tuple[int, int, bytes], list[tuple[int, int, int, bytes]]] | None = None
         firsts: list[bytes] = []
         if delta:
-            directory, rows, firsts = delta_rows(opened.task_no, record.seq, delta)
+            if isinstance(delta, _PreparedDelta) and delta.made_for == (opened.task_no,
+                                                                         record.seq):
+                directory, rows, firsts = delta.encoded
+            else:
+                directory, rows, firsts = delta_rows(opened.task_no, record.seq, delta)
             pages = (directory, rows)
         waiting = self._compactor.commit_waiting
         waiting.set()

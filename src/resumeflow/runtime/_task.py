@@ -28,7 +28,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from .._faults import crash_point
 from ..checkpoint import GENESIS_DIGEST, CommitRecord, OpenedTask, StagedEntry, Store, make_record
@@ -171,19 +171,24 @@ class DeferredCommitExecutor:
         self._pending = None
 
 
+_T = TypeVar("_T")
+
+
 class ThreadCommitExecutor:
     """Runs a task's commits on one background thread (created on first use), so their
-    fsyncs and the store's write lock overlap the next batches."""
+    fsyncs and the store's write lock overlap the next batches. Also the task's stager:
+    the thread that writes a checkpoint's sink output while the cut encodes its state
+    delta (``TaskRunner._cut_now``)."""
 
     def __init__(self, name: str = "resumeflow-commit") -> None:
         self._name = name
         self._thread: threading.Thread | None = None
-        self._jobs: list[tuple[CommitJob, Future[CommitRecord]]] = []
+        self._jobs: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._wake = threading.Condition()
         self._closed = False
 
-    def submit(self, job: CommitJob) -> PendingCommit:
-        future: Future[CommitRecord] = Future()
+    def submit(self, job: Callable[[], _T]) -> Future[_T]:
+        future: Future[_T] = Future()
         with self._wake:
             if self._closed:
                 raise InternalError("commit submitted to a closed executor")
@@ -284,6 +289,12 @@ class TaskRunner:
             executor = (ThreadCommitExecutor(f"resumeflow-commit {self.task_id}")
                         if config.pipelined_commit else InlineCommitExecutor())
         self._executor = executor
+        self._stager = (ThreadCommitExecutor(f"resumeflow-stage {self.task_id}")
+                        if isinstance(executor, ThreadCommitExecutor) else None)
+        """Where a pipelined task's sinks stage a checkpoint's output, beside its delta."""
+        self._prepare: Callable[[OpenedTask, int, list[tuple[bytes, bytes | None]]],
+                                list[tuple[bytes, bytes | None]]] | None = \
+            getattr(store, "prepare_delta", None)
         self._pending: PendingCommit | None = None
         self._inflight_events = 0
         """Records of the commit in flight: read past the last durable checkpoint, too."""
@@ -620,6 +631,11 @@ class TaskRunner:
                 stages.append((sink_id, cut(seq)))
             else:
                 stages.append((sink_id, partial(_ready, writer.precommit(seq))))
+        run_stages: Callable[[], dict[str, Precommit]] = partial(_run_stages, stages)
+        if self._stager is not None and not all(_is_ready(stage) for _, stage in stages):
+            # The sinks stage their output (a staging file's write and fsync) on the stager
+            # while this thread takes the delta and the commit's thread encodes it.
+            run_stages = self._stager.submit(run_stages).result
         delta = self._take_delta()
         positions = dict(self.positions)
         stats = dict(self.stats)
@@ -627,14 +643,16 @@ class TaskRunner:
         self.window_events = 0
         self.window_started = None
         self._cut_at = began
-        job = partial(self._write, seq, stages, delta, positions, stats)
+        job = partial(self._write, seq, run_stages, delta, positions, stats)
         self._pending = _Done(job) if inline else self._executor.submit(job)
 
-    def _write(self, seq: int, stages: list[tuple[str, Callable[[], Precommit]]],
+    def _write(self, seq: int, run_stages: Callable[[], dict[str, Precommit]],
                delta: list[tuple[bytes, bytes | None]], positions: dict[str, Any],
                stats: dict[str, int]) -> CommitRecord:
         """The writes of checkpoint ``seq`` after its cut (on the executor)."""
-        pre = {sink_id: stage() for sink_id, stage in stages}
+        if delta and self._prepare is not None:
+            delta = self._prepare(self.opened, seq, delta)  # while the sinks stage
+        pre = run_stages()
         crash_point("commit.after_precommit")
         record = make_record(
             task=self.task_id, epoch=self.opened.epoch, seq=seq, positions=positions,
@@ -705,6 +723,8 @@ class TaskRunner:
             except BaseException as exc:
                 failure = exc
         self._executor.close()
+        if self._stager is not None:
+            self._stager.close()
         self.reader.close()
         for writer in self.writers.values():
             writer.close()
@@ -744,6 +764,16 @@ def collector_paused() -> Iterator[None]:
 
 def _ready(pre: Precommit) -> Precommit:
     return pre
+
+
+def _is_ready(stage: Callable[[], Precommit]) -> bool:
+    """A sink's stage that has nothing left to do (its pre-commit ran at the cut)."""
+    return isinstance(stage, partial) and stage.func is _ready
+
+
+def _run_stages(stages: list[tuple[str, Callable[[], Precommit]]]) -> dict[str, Precommit]:
+    """Each sink's stage of a checkpoint, in the order of the sinks."""
+    return {sink_id: stage() for sink_id, stage in stages}
 
 
 def _count_before(batch: Batch, limit: Any) -> int:
