@@ -215,6 +215,50 @@ def test_a_window_that_fills_the_bound_commits_on_the_task_thread_when_alone(
     assert work.output("jsonl") == events.running_totals()
 
 
+def test_a_full_window_is_durable_on_the_task_thread_and_finalized_beside_the_next(
+        work: Any) -> None:
+    """A window that fills the replay bound is made durable on the task's thread, and its
+    sinks finalize on the commit thread: the task reads its next batch before that finalize
+    ends, the bound still holds (the checkpoint is durable), and the output is exact."""
+    events = work.events(500)
+    store = ThreadRecordingStore(work.store)
+    store.threads = []
+    task = runner(work, events, store, ThreadCommitExecutor("rf-commit-test"),
+                  replay_max_events=100, batch_max_records=50)
+    writer = task.writers["out"]
+    finalize = writer.finalize
+    finalized: list[tuple[str, float, float]] = []
+
+    def slow_finalize(seq: int) -> None:
+        began = time.monotonic()
+        time.sleep(0.05)
+        finalize(seq)
+        finalized.append((threading.current_thread().name, began, time.monotonic()))
+
+    writer.finalize = slow_finalize  # type: ignore[method-assign]
+    read_at: list[float] = []
+    cut_at: list[float] = []
+    while not task.at_end:
+        task.step()
+        read_at.append(time.monotonic())
+        assert task.window_events <= 100
+        if task.commit_due():
+            assert task.window_events == 100
+            cut_at.append(time.monotonic())
+            task.commit_async(alone=True)
+    task.commit()
+    task.close()
+    assert durable_position(store, events) == 500
+    store.close()
+    here = threading.current_thread().name
+    assert store.threads[:5] == [here] * 5
+    full = finalized[:4]  # the fifth window's finalize is the last commit's: nothing after it
+    assert {name for name, _, _ in full} == {"rf-commit-test"}
+    for cut, (_, _, ended) in zip(cut_at, full, strict=False):
+        assert any(cut < t < ended for t in read_at)  # read on before the finalize ended
+    assert work.output("jsonl") == events.running_totals()
+
+
 class PreparingStore(rf.SQLiteStore):
     """A SQLite store that notes, per checkpoint, when its delta was prepared and whether
     the commit got the prepared delta (when it had one)."""

@@ -111,6 +111,10 @@ class _Done:
     def done(self) -> bool:
         return True
 
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
     def result(self) -> CommitRecord:
         if self._error is not None:
             raise self._error
@@ -600,8 +604,9 @@ class TaskRunner:
 
         ``alone``: no other task runs on the calling thread. A window that fills the whole
         replay bound then leaves nothing to overlap (the task cannot read a record until
-        the commit is durable), so its writes run at once on this thread, without the
-        hand-off to the commit thread and the two threads' turns at the GIL."""
+        the commit is durable), so its writes up to the commit point run at once on this
+        thread, without the hand-off to the commit thread and the two threads' turns at the
+        GIL; its sinks then finalize on the commit thread while the next window is read."""
         joined = self._join() if self._pending is not None else None
         if self.window_started is not None or joined is None:
             inline = (alone and isinstance(self._executor, ThreadCommitExecutor)
@@ -643,13 +648,35 @@ class TaskRunner:
         self.window_events = 0
         self.window_started = None
         self._cut_at = began
-        job = partial(self._write, seq, run_stages, delta, positions, stats)
-        self._pending = _Done(job) if inline else self._executor.submit(job)
+        if inline:
+            self._pending = self._write_inline(seq, run_stages, delta, positions, stats)
+        else:
+            self._pending = self._executor.submit(
+                partial(self._write, seq, run_stages, delta, positions, stats))
+
+    def _write_inline(self, seq: int, run_stages: Callable[[], dict[str, Precommit]],
+                      delta: list[tuple[bytes, bytes | None]], positions: dict[str, Any],
+                      stats: dict[str, int]) -> PendingCommit:
+        """A window that filled the replay bound: its checkpoint is made durable here (the
+        task may not read a record until it is), then its sinks finalize on the commit
+        thread while the next window is read (appending a window's output to a file is
+        about a fifth of W1's inline commit)."""
+        durable = _Done(partial(self._write_durable, seq, run_stages, delta, positions, stats))
+        if durable.failed:
+            return durable
+        self._inflight_events = 0  # durable: no longer past the last checkpoint
+        return self._executor.submit(partial(self._finish, seq, durable.result()))
 
     def _write(self, seq: int, run_stages: Callable[[], dict[str, Precommit]],
                delta: list[tuple[bytes, bytes | None]], positions: dict[str, Any],
                stats: dict[str, int]) -> CommitRecord:
         """The writes of checkpoint ``seq`` after its cut (on the executor)."""
+        return self._finish(seq, self._write_durable(seq, run_stages, delta, positions, stats))
+
+    def _write_durable(self, seq: int, run_stages: Callable[[], dict[str, Precommit]],
+                       delta: list[tuple[bytes, bytes | None]], positions: dict[str, Any],
+                       stats: dict[str, int]) -> CommitRecord:
+        """Checkpoint ``seq`` up to its commit point: once this returns, it is durable."""
         if delta and self._prepare is not None:
             delta = self._prepare(self.opened, seq, delta)  # while the sinks stage
         pre = run_stages()
@@ -660,6 +687,10 @@ class TaskRunner:
             created_at=self._wall(), stats=stats, prev_digest=self.digest)
         self._write_commit(record, delta, pre)
         crash_point("commit.after_store")
+        return record
+
+    def _finish(self, seq: int, record: CommitRecord) -> CommitRecord:
+        """After the commit point: the sinks make checkpoint ``seq``'s output visible."""
         self._finalize(seq)
         crash_point("commit.after_finalize")
         self.commit_latency_s.append(self._clock() - self._cut_at)
