@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,13 @@ import pytest
 
 from resumeflow.checkpoint import GENESIS_DIGEST, OpenedTask, SQLiteStore, make_record
 from resumeflow.checkpoint._sqlite_process import ProcessCompactor
-from resumeflow.checkpoint._sqlite_state import COMPACT_AFTER, WaitingFlag, waiting_path
+from resumeflow.checkpoint._sqlite_state import (
+    COMPACT_AFTER,
+    WaitingFlag,
+    _sync_log,
+    compact,
+    waiting_path,
+)
 from resumeflow.errors import ConfigurationError
 
 TASK = "orders:events.jsonl:0"
@@ -180,3 +187,36 @@ def test_an_unknown_compactor_is_refused_with_the_choices(tmp_path: Path) -> Non
     """A compactor setting other than "process" or "thread" fails at start, naming both."""
     with pytest.raises(ConfigurationError, match="'process', 'thread'"):
         SQLiteStore(tmp_path / "s.db", compactor="fork")
+
+
+def test_a_compaction_run_hands_each_chunk_to_its_after_chunk_hook(tmp_path: Path) -> None:
+    """``compact`` calls its ``after_chunk`` hook once per chunk written, outside the write
+    lock (the compactor process flushes the write-ahead log there), and the run is exact."""
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path, compactor="thread")
+    w = Writer(store)
+    w.commit([(b"k%03d" % i, b"v%d" % i) for i in range(300)])
+    lock = threading.Lock()
+    held: list[bool] = []
+
+    def after_chunk() -> None:
+        held.append(lock.locked())
+
+    with store._lock:
+        ran = compact(store.connection, w.opened.task_no, w.opened.epoch, store._recent,
+                      lock, chunk_keys=64, after_chunk=after_chunk)
+    assert ran and held == [False] * 5  # 300 keys in chunks of 64
+    assert rows(path, "SELECT count(*) FROM state") == [(300,)]
+    store.close()
+
+
+def test_the_log_flush_of_a_compactor_process_never_raises(tmp_path: Path) -> None:
+    """Flushing the write-ahead log after a chunk syncs the log file when there is one and
+    does nothing when there is none (the store's next commit then syncs it)."""
+    database = tmp_path / "s.db"
+    _sync_log(database)  # no log yet
+    store = SQLiteStore(database)
+    Writer(store).commit([(b"k", b"v")])
+    assert Path(f"{database}-wal").exists()
+    _sync_log(database)
+    store.close()
