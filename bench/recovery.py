@@ -643,9 +643,10 @@ the store's transaction, commit record, the SQLite transaction with its fsync, t
 the output, fsynced once per 8 commits on a helper thread): `TaskRunner.commit_latency_s`.
 With the replay bound equal to the commit window, as here, the task cannot read on while a
 commit is in flight (the hard bound counts that commit's records), so the task, alone on
-its thread, writes each checkpoint at once on that thread instead of the commit thread
-(`commit_async(alone=True)`), and the `cut` phase below holds the other three. The
-background compactor runs as usual.
+its thread, writes each checkpoint up to its commit point at once on that thread instead of
+the commit thread (`commit_async(alone=True)`; the `cut` phase below holds the sinks'
+precommit and the store commit), then reads on while the commit thread finalizes it (the
+timing ends when that finalize does). The background compactor runs as usual.
 
 {table}
 
