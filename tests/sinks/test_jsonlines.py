@@ -225,6 +225,41 @@ def test_output_staged_in_a_file_stays_there_until_the_output_file_is_fsynced(
     assert [x["key"] for x in lines(out)] == [f"k{n}" for n in (1, 2, 3, 4) for _ in range(big)]
 
 
+def test_the_staging_file_starts_again_in_place_keeping_its_blocks(tmp_path: Path) -> None:
+    """Once all it holds is durable in the output file, the staging file is overwritten from
+    its beginning without being truncated (same file, same length: its blocks are reused),
+    and a lost append of the checkpoint staged over older output is redone from it."""
+    from resumeflow.sinks import _jsonlines
+
+    out = tmp_path / "out.jsonl"
+    w = JsonLinesSink(out).open(ctx())
+    big = _jsonlines.INLINE_STAGING_MAX // 100 + 1
+
+    def checkpoint(seq: int, items: int) -> Any:
+        w.buffer.extend((f"k{seq}", "x" * 100) for _ in range(items))
+        pre = w.precommit(seq)
+        assert pre.meta is not None and "staging" in pre.meta
+        w.finalize(seq)
+        w._wait_sync_behind()
+        return pre
+
+    first = checkpoint(1, 2 * big)
+    (staging,) = tmp_path.glob("*.rf-staging-*")
+    inode, length = staging.stat().st_ino, staging.stat().st_size
+    assert length == first.meta["stage_len"]
+    second = checkpoint(2, big)
+    assert second.meta["stage_off"] == 0 and second.meta["stage_len"] < length
+    assert (staging.stat().st_ino, staging.stat().st_size) == (inode, length)
+    w.close()
+    lost = tmp_path / "lost.jsonl"
+    lost.write_bytes(out.read_bytes()[:first.meta["end"]])
+    again = JsonLinesSink(lost).open(ctx())
+    again.recover(second.meta, [second.staged])
+    again.close()
+    assert lost.read_bytes() == out.read_bytes()
+    assert [x["key"] for x in lines(lost)] == ["k1"] * (2 * big) + ["k2"] * big
+
+
 def test_finalize_is_idempotent(tmp_path: Path) -> None:
     """Finalizing a checkpoint again, in process or through recovery, appends nothing."""
     out = tmp_path / "out.jsonl"
