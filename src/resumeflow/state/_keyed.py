@@ -11,6 +11,7 @@ asking the store, and nothing is evicted.
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import repeat
 from typing import Any
 
 from .._codec import decode, encode, encode_key
@@ -119,9 +120,10 @@ class KeyedState:
         enc = _encode
         dirty = list(self.dirty)
         self.dirty.clear()
-        get = self.values.get
-        olds = [get(k, MISSING) for k in dirty]
-        keys = [prefix + enc(k) for k in dirty] if prefix else [enc(k) for k in dirty]
+        # map() over C callables, not comprehensions: no Python frame per key (about a
+        # tenth of a 10,000-key delta).
+        olds = list(map(self.values.get, dirty, repeat(MISSING)))
+        keys = [prefix + k for k in map(enc, dirty)] if prefix else list(map(enc, dirty))
         if MISSING not in olds:  # no deletion: encode every value in one pass
             return list(zip(keys, map(enc, olds), strict=True))
         if self._cold:
