@@ -6,6 +6,9 @@ import json
 import math
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from resumeflow._codec import encode_key
 from resumeflow.state import MISSING, KeyedState
 
@@ -158,3 +161,42 @@ def test_a_key_deleted_by_an_unsettled_delta_reads_absent_without_the_store() ->
     state.settle()
     del cold.rows[encode_key("a")]
     assert state.get("a") is MISSING and len(cold.reads) == reads + 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.one_of(st.integers(-50, 50), st.text(max_size=3)),
+                                   st.one_of(st.none(), st.integers())), max_size=30),
+                min_size=1, max_size=8))
+def test_each_delta_is_sorted_by_encoding_and_holds_exactly_the_window_changes(
+        windows: list[list[tuple[Any, int | None]]]) -> None:
+    """Over windows that change the same keys again, new ones and deletions, each delta is
+    the window's changes, encoded afresh and sorted by encoded key, whatever the last delta
+    held (its keys' encodings and order are reused)."""
+    state = KeyedState(ColdStore().load, max_hot_keys=math.inf, namespace="s",
+                       known_empty=True)
+    prefix = b"s\x00"
+    for window in windows:
+        changed: dict[Any, Any] = {}
+        for key, value in window:
+            existed = state.get(key) is not MISSING
+            state.set(key, MISSING if value is None else value, existed=existed)
+            changed[key] = value
+        expected = sorted((prefix + encode_key(k), None if v is None else encode_key(v))
+                          for k, v in changed.items())
+        assert state.take_delta() == expected
+        assert state.dirty == set()
+
+
+def test_a_delta_of_the_same_keys_again_carries_their_new_values() -> None:
+    """A window that changes exactly the keys of the last delta gives those keys, in the same
+    order, with this window's values (the path that neither encodes nor sorts keys)."""
+    state = KeyedState(ColdStore().load, max_hot_keys=math.inf, known_empty=True)
+    keys = [f"k{i}" for i in range(300)]
+    for key in keys:
+        state.set(key, 1, existed=False)
+    first = state.take_delta()
+    for key in reversed(keys):
+        state.set(key, 2, existed=True)
+    second = state.take_delta()
+    assert [k for k, _ in second] == [k for k, _ in first] == sorted(encode_key(k) for k in keys)
+    assert {v for _, v in second} == {b"2"}
