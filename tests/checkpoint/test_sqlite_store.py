@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,12 +22,14 @@ from resumeflow.checkpoint import (
     StagedEntry,
     make_record,
 )
+from resumeflow.checkpoint import _sqlite as sqlite_module
 from resumeflow.checkpoint._sqlite_state import COMPACT_AFTER, COMPACT_AFTER_MAX, compact_after
 from resumeflow.errors import (
     ClosedError,
     ConfigurationError,
     FencedError,
     InternalError,
+    UnavailableError,
 )
 
 TASK = "orders:events.jsonl:0"
@@ -535,3 +538,48 @@ def test_the_compactor_lets_the_tail_grow_where_deltas_change_the_same_keys(
     assert snapshot(store, w.opened.task_no, [b"k%05d" % i for i in keys]) == {
         b"k%05d" % i: b"v%d" % last for i in keys}
     store.close()
+
+
+def _hold_write_lock(path: Path, seconds: float) -> threading.Thread:
+    """Another connection takes the write lock now and releases it after ``seconds``."""
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+
+    def release() -> None:
+        time.sleep(seconds)
+        other.execute("COMMIT")
+        other.close()
+
+    thread = threading.Thread(target=release)
+    thread.start()
+    return thread
+
+
+def test_a_commit_waits_for_another_writer_and_takes_the_lock_soon_after(
+        store: SQLiteStore) -> None:
+    """A commit that finds the write lock taken lands soon after it is released: 34 ms of
+    holding, where SQLite's own busy sleeps (1, 2, 5, 10, 15, 20 ms) would try again only at
+    53 ms."""
+    w = Writer(store)
+    holder = _hold_write_lock(store.path, 0.034)
+    began = time.monotonic()
+    w.commit([(b"k", b"1")])
+    waited = time.monotonic() - began
+    holder.join()
+    assert 0.030 <= waited < 0.050
+    assert rows(store.path, "SELECT last_seq FROM tasks") == [(1,)]
+
+
+def test_a_commit_gives_up_after_the_busy_timeout_with_advice(
+        store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write lock held past the busy timeout makes the commit fail as unavailable (the
+    runtime then restarts the task), saying what to do, and lands nothing."""
+    w = Writer(store)
+    monkeypatch.setattr(sqlite_module, "BUSY_TIMEOUT_S", 0.05)
+    holder = _hold_write_lock(store.path, 0.3)
+    with pytest.raises(UnavailableError, match=r"locked or unavailable.*stop the other process"):
+        w.commit([(b"k", b"1")])
+    holder.join()
+    assert rows(store.path, "SELECT last_seq FROM tasks") == [(0,)]
+    w.commit([(b"k", b"1")])
+    assert rows(store.path, "SELECT last_seq FROM tasks") == [(1,)]
