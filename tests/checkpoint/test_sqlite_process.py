@@ -21,6 +21,7 @@ from resumeflow.checkpoint import GENESIS_DIGEST, OpenedTask, SQLiteStore, make_
 from resumeflow.checkpoint._sqlite_process import ProcessCompactor
 from resumeflow.checkpoint._sqlite_state import (
     COMPACT_AFTER,
+    Holding,
     WaitingFlag,
     _sync_log,
     compact,
@@ -120,6 +121,36 @@ def test_the_waiting_flag_one_process_sets_is_what_the_other_reads(tmp_path: Pat
         assert not flag.is_set() and look() == "0"
     finally:
         flag.close()
+
+
+def test_the_compactor_s_hold_of_the_lock_is_what_the_store_reads(tmp_path: Path) -> None:
+    """The hold a compactor process announces around its write transactions (``Holding``)
+    is what the store's process reads in ``writing()``, and a hold a killed compactor left
+    set is cleared when the next one starts."""
+    path = tmp_path / "s.db"
+    stale = WaitingFlag(waiting_path(path))
+    stale.hold()
+    stale.close()
+    store = SQLiteStore(path)
+    flag = WaitingFlag(waiting_path(path))
+    try:
+        assert flag.held()
+        store._compactor.checkpoint_wal()  # starts the compactor process
+        assert not store._compactor.writing() and not flag.held()
+        deadline = time.monotonic() + 30
+        while -1 in store._compactor._pending:  # until it serves (it clears the hold too)
+            assert time.monotonic() < deadline, "the compactor process never started"
+            time.sleep(0.005)
+        turn = Holding(flag)
+        with turn:
+            assert store._compactor.writing()
+        assert not store._compactor.writing()
+        with turn:  # a turn is taken again and again
+            assert store._compactor.writing()
+        assert not flag.held()
+    finally:
+        flag.close()
+        store.close()
 
 
 def test_a_commit_waiting_for_the_compactor_process_is_let_in_first(tmp_path: Path) -> None:

@@ -540,46 +540,64 @@ def test_the_compactor_lets_the_tail_grow_where_deltas_change_the_same_keys(
     store.close()
 
 
-def _hold_write_lock(path: Path, seconds: float) -> threading.Thread:
-    """Another connection takes the write lock now and releases it after ``seconds``."""
-    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+def test_a_commit_takes_the_lock_soon_after_the_compactor_gives_it_up(
+        store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit that finds the lock held by the compactor process (which says so) lands soon
+    after the compactor gives it up: 34 ms of holding, where SQLite's own busy sleeps (1, 2,
+    5, 10, 15, 20 ms) would try again only at 53 ms."""
+    w = Writer(store)
+    held = [True]
+    monkeypatch.setattr(store._compactor, "writing", lambda: held[0])
+    other = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
     other.execute("BEGIN IMMEDIATE")
 
-    def release() -> None:
-        time.sleep(seconds)
+    def give_up() -> None:
+        time.sleep(0.034)
         other.execute("COMMIT")
-        other.close()
+        held[0] = False
 
-    thread = threading.Thread(target=release)
+    thread = threading.Thread(target=give_up)
     thread.start()
-    return thread
-
-
-def test_a_commit_waits_for_another_writer_and_takes_the_lock_soon_after(
-        store: SQLiteStore) -> None:
-    """A commit that finds the write lock taken lands soon after it is released: 34 ms of
-    holding, where SQLite's own busy sleeps (1, 2, 5, 10, 15, 20 ms) would try again only at
-    53 ms."""
-    w = Writer(store)
-    holder = _hold_write_lock(store.path, 0.034)
     began = time.monotonic()
     w.commit([(b"k", b"1")])
     waited = time.monotonic() - began
-    holder.join()
+    thread.join()
+    other.close()
     assert 0.030 <= waited < 0.050
     assert rows(store.path, "SELECT last_seq FROM tasks") == [(1,)]
 
 
-def test_a_commit_gives_up_after_the_busy_timeout_with_advice(
+def test_a_hold_the_compactor_never_gave_up_delays_a_commit_a_little_only(
         store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A write lock held past the busy timeout makes the commit fail as unavailable (the
-    runtime then restarts the task), saying what to do, and lands nothing."""
+    """A hold flag a killed compactor left set delays a commit by ``HELD_POLL_MAX_S`` at
+    most: it then asks SQLite, which finds the lock free."""
     w = Writer(store)
-    monkeypatch.setattr(sqlite_module, "BUSY_TIMEOUT_S", 0.05)
-    holder = _hold_write_lock(store.path, 0.3)
-    with pytest.raises(UnavailableError, match=r"locked or unavailable.*stop the other process"):
-        w.commit([(b"k", b"1")])
-    holder.join()
-    assert rows(store.path, "SELECT last_seq FROM tasks") == [(0,)]
+    monkeypatch.setattr(store._compactor, "writing", lambda: True)
+    monkeypatch.setattr(sqlite_module, "HELD_POLL_MAX_S", 0.02)
+    began = time.monotonic()
     w.commit([(b"k", b"1")])
+    assert 0.02 <= time.monotonic() - began < 0.5
     assert rows(store.path, "SELECT last_seq FROM tasks") == [(1,)]
+
+
+def test_a_commit_gives_up_after_the_busy_timeout_with_advice(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write lock another process holds past the busy timeout makes the commit fail as
+    unavailable (the runtime then restarts the task), saying what to do, and lands
+    nothing."""
+    monkeypatch.setattr(sqlite_module, "BUSY_TIMEOUT_S", 0.05)
+    store = SQLiteStore(tmp_path / "s.db")
+    try:
+        w = Writer(store)
+        other = sqlite3.connect(store.path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(UnavailableError,
+                           match=r"locked or unavailable.*stop the other process"):
+            w.commit([(b"k", b"1")])
+        other.execute("COMMIT")
+        other.close()
+        assert rows(store.path, "SELECT last_seq FROM tasks") == [(0,)]
+        w.commit([(b"k", b"1")])
+        assert rows(store.path, "SELECT last_seq FROM tasks") == [(1,)]
+    finally:
+        store.close()

@@ -52,7 +52,11 @@ BUSY_TIMEOUT_S = 30.0
 """How long a write waits for SQLite's write lock (held by another process's or the
 compactor's transaction) before the store reports itself unavailable."""
 BEGIN_POLL_S = (0.0001, 0.002)
-"""First and longest sleep between two tries of a commit for the write lock (doubling)."""
+"""First and longest sleep of a commit between two looks at the compactor's hold of the
+write lock (doubling)."""
+HELD_POLL_MAX_S = 0.05
+"""How long a commit polls the compactor's hold before it leaves the wait to SQLite (a hold
+that lasts, or a flag a killed compactor left set)."""
 
 WAL_CHECKPOINT_EVERY = 8
 """Commits between two requests for a write-ahead log checkpoint on the compactor's thread
@@ -605,40 +609,25 @@ class SQLiteStore:
                 self._reader = None
 
     def _begin(self, db: sqlite3.Connection) -> None:
-        """Take the write lock. While a compaction chunk holds it, SQLite's own busy handler
-        would sleep 1, then 2, then 5 ms between tries: a third of the checkpoint
-        benchmark's commits slept the whole first millisecond for a chunk of about a
-        quarter of one. So the lock is tried without SQLite's wait, and tried again after
-        sleeps that start at a tenth of a millisecond, for as long as the busy timeout."""
-        deadline: float | None = None
-        pause = BEGIN_POLL_S[0]
-        db.execute("PRAGMA busy_timeout = 0")
-        try:
-            while True:
-                try:
-                    db.execute("BEGIN IMMEDIATE")
-                    return
-                except sqlite3.OperationalError as exc:
-                    now = time.monotonic()
-                    if deadline is None:
-                        deadline = now + BUSY_TIMEOUT_S
-                    if not _busy(exc) or now >= deadline:
-                        raise UnavailableError(
-                            f"store {str(self.path)!r} is locked or unavailable ({exc}); "
-                            "retry, or stop the other process using it"
-                        ) from exc
+        """Take the write lock. While the compactor process holds it for a chunk (about a
+        quarter of a millisecond), SQLite's own busy handler would sleep 1, then 2, then 5 ms
+        between tries: a third of the checkpoint benchmark's commits slept the whole first
+        millisecond. So while the compactor says it holds the lock, the commit polls that
+        (sleeps from a tenth of a millisecond, doubling) for up to ``HELD_POLL_MAX_S``, then
+        asks SQLite, whose busy handler waits for any other writer."""
+        writing = self._compactor.writing
+        if writing():
+            pause, deadline = BEGIN_POLL_S[0], time.monotonic() + HELD_POLL_MAX_S
+            while writing() and time.monotonic() < deadline:
                 time.sleep(pause)
                 pause = min(pause * 2, BEGIN_POLL_S[1])
-        finally:
-            db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-
-
-def _busy(exc: sqlite3.OperationalError) -> bool:
-    """The error is SQLite's "database is locked" (another connection writes)."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is None:
-        return "locked" in str(exc)
-    return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise UnavailableError(
+                f"store {str(self.path)!r} is locked or unavailable ({exc}); retry, or stop the "
+                "other process using it"
+            ) from exc
 
 
 def _encode_meta(meta: dict[str, object]) -> bytes:

@@ -58,6 +58,9 @@ class _Idle:
     def is_set(self) -> bool:
         return False
 
+    def held(self) -> bool:
+        return False
+
 
 class ProcessCompactor:
     """Runs compactions in a child process, one at a time, on request; the interface of
@@ -87,6 +90,11 @@ class ProcessCompactor:
     def commit_waiting(self) -> WaitingFlag | _Idle:
         """Set by a commit while it waits for SQLite's write lock."""
         return self._waiting if self._waiting is not None else _Idle()
+
+    def writing(self) -> bool:
+        """Whether the compactor process holds SQLite's write lock (or is about to)."""
+        waiting = self._waiting
+        return waiting is not None and waiting.held()
 
     def compact_after(self, task_no: int) -> int:
         """Uncompacted deltas of ``task_no`` that start its next run (``compact_after``)."""
@@ -129,7 +137,8 @@ class ProcessCompactor:
             return self._proc.stdin
         if self._waiting is None:
             self._waiting = WaitingFlag(waiting_path(self._path))
-            self._waiting.clear()  # a flag a killed process left set
+            self._waiting.clear()  # flags a killed process left set
+            self._waiting.release()
         proc = subprocess.Popen(
             [sys.executable, "-c", _BOOT, _sqlite_state.__file__, str(self._path)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
