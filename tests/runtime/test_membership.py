@@ -19,6 +19,7 @@ import pytest
 import resumeflow as rf
 from resumeflow.errors import ConfigurationError
 from resumeflow.runtime import ReleaseHandler, StaticMembership, ThrottledMembership
+from resumeflow.runtime import _runtime as runtime_module
 
 PARTITIONS = ("p0.jsonl", "p1.jsonl", "p2.jsonl", "p3.jsonl")
 FOLLOW = rf.RunConfig(follow=True, replay_max_events=500, replay_max_seconds=0.05,
@@ -286,6 +287,38 @@ def test_a_fenced_task_is_dropped_and_counted_and_lands_nothing(tmp_path: Path) 
     for p in PARTITIONS:
         assert output(tmp_path, p) == expected(events[p]), p
     assert committed(tmp_path)[PARTITIONS[0]][1] == recovery.epoch + 1
+
+
+def test_a_task_fenced_by_a_zombie_is_taken_again_while_the_membership_gives_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that restarts a task after it lost the partition (a zombie) fences the owner;
+    once the zombie lets the partition go, the owner, which the membership still gives it,
+    takes the task again and runs it to the end: nothing is left unprocessed, and every
+    record lands once."""
+    monkeypatch.setattr(runtime_module, "FENCED_RETAKE_S", (0.2, 1.0))
+    events = write_inputs(tmp_path, 2000)
+    group = Group()
+    group.give(PARTITIONS, "a")
+    slow = rf.RunConfig(follow=True, replay_max_events=200, replay_max_seconds=0.05,
+                        poll_interval_s=0.005, batch_max_records=10)
+    a = Worker(tmp_path, group.member("a"), slow)
+    wait_for(lambda: 0 < lines_so_far(tmp_path, PARTITIONS[0]) < 1000)
+    group.give(PARTITIONS[:1], "zombie", only=False)
+    zombie = rf.Runtime(make_flow(tmp_path), tmp_path / "store.db", slow,
+                        membership=group.member("zombie"))
+    (recovery,) = zombie.open()  # a new epoch: the owner's next commit is refused
+    group.give(PARTITIONS[:1], "a")  # the zombie hears it lost the partition
+    result: list[rf.RunSummary] = []
+    thread = threading.Thread(target=lambda: result.append(zombie.run()), daemon=True)
+    thread.start()
+    wait_for(lambda: all(lines_so_far(tmp_path, p) == 2000 for p in PARTITIONS), 60)
+    zombie.stop("test")
+    thread.join(30)
+    summary = a.stop()
+    assert summary.fenced >= 1
+    for p in PARTITIONS:
+        assert output(tmp_path, p) == expected(events[p]), p
+    assert committed(tmp_path)[PARTITIONS[0]][1] > recovery.epoch
 
 
 def test_a_handing_over_membership_releases_after_the_commit(tmp_path: Path) -> None:

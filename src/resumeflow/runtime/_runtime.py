@@ -46,6 +46,14 @@ __all__ = ["Progress", "RunSummary", "Runtime", "run"]
 
 log = logging.getLogger("resumeflow.runtime")
 
+FENCED_RETAKE_S = (5.0, 60.0)
+"""First and longest wait before a worker takes a fenced task again while its membership
+still gives it the partition, doubling while the partition is fenced again before one of its
+commits lands. A worker that truly lost the partition mostly hears so from its membership
+meanwhile and lets it go; one that does not takes turns with the rightful owner, each take
+fencing the other, until it does: safe whatever happens (each take is a new epoch and a
+recovery from the last checkpoint), at the cost of replays."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class Progress:
@@ -132,6 +140,12 @@ class Runtime:
         self._marks: ProgressMarks | None = None
         self._rng = random.Random(self.config.seed)
         self._failures: dict[str, int] = {}
+        self._retake: dict[str, float] = {}
+        """Partitions whose task was fenced while the membership still gives them to this
+        worker: when to take each again."""
+        self._retake_wait: dict[str, float] = {}
+        """The last wait before taking a fenced partition again (doubling while it is fenced
+        again before a commit lands)."""
         self._sleep = sleep
         self._joined = False
         self._closing = False
@@ -184,9 +198,12 @@ class Runtime:
             return []
         summary.rebalances += 1
         for partition in lost:
+            self._retake.pop(partition, None)
+            self._retake_wait.pop(partition, None)
             self._release(partition, summary)
         recoveries = []
         for partition in gained:
+            self._retake.pop(partition, None)
             if self._held(partition) is not None:
                 continue
             recovery = self._take(partition, summary)
@@ -242,11 +259,36 @@ class Runtime:
             self._release(partition, self._summary)
 
     def _drop_fenced(self, task: TaskRunner, exc: FencedError, summary: RunSummary) -> None:
-        """A commit was refused: another worker owns the task now; stop running it here."""
+        """A commit was refused: another worker took the task; stop running it here. If the
+        membership still gives this worker the partition after a while, take it again: the
+        worker that fenced this one may have been a zombie that restarted the task before it
+        learnt it had lost the partition, and has let it go since (nobody else would run it)."""
         summary.fenced += 1
+        partition = task.partition
+        wait = min(self._retake_wait.get(partition, FENCED_RETAKE_S[0] / 2) * 2,
+                   FENCED_RETAKE_S[1])
+        self._retake_wait[partition] = wait
+        self._retake[partition] = self._clock() + wait
         log.warning("task %s is fenced: %s; dropping it here, nothing of its uncommitted "
-                    "work lands", task.task_id, exc)
+                    "work lands; taken again in %.0f s if the membership still gives "
+                    "partition %s to this worker", task.task_id, exc, wait, partition)
         self._retire(task)
+
+    def _retake_fenced(self, summary: RunSummary) -> None:
+        """Take again the fenced partitions the membership still gives this worker, once
+        their wait is over (the new epoch fences whoever ran them meanwhile)."""
+        if not self._retake:
+            return
+        now = self._clock()
+        for partition, due in list(self._retake.items()):
+            if due > now:
+                continue
+            del self._retake[partition]
+            if self._held(partition) is None:
+                log.warning("taking partition %s again: its task was fenced %.0f s ago and "
+                            "the membership still gives it to this worker", partition,
+                            self._retake_wait.get(partition, 0.0))
+                self._take(partition, summary)
 
     def _retire(self, task: TaskRunner) -> None:
         self.tasks.remove(task)
@@ -332,6 +374,7 @@ class Runtime:
         last_report = self._clock()
         while not self._stop.is_set():
             self._rebalance(summary)
+            self._retake_fenced(summary)
             progressed = 0
             for task in list(self.tasks):  # a task may be replaced or dropped on the way
                 try:
@@ -380,6 +423,7 @@ class Runtime:
         if durable is None:
             return
         self._failures.pop(task.partition, None)
+        self._retake_wait.pop(task.partition, None)
 
     def _commit_all(self, summary: RunSummary, *, force: bool) -> bool:
         """Commit the tasks that are due (all with ``force``); False if one had to restart."""
