@@ -69,6 +69,7 @@ def test_the_default_store_compacts_in_a_process_of_its_own(tmp_path: Path) -> N
         w.commit([(b"k%03d" % i, b"v%d-%d" % (i, seq)) for i in range(300)])
     proc = compactor._proc
     assert proc is not None and proc.pid != os.getpid()
+    assert compactor.wait_idle()
     compactor.close()
     assert proc.returncode == 0
     assert rows(path, "SELECT compacted_seq, last_seq FROM tasks") == [(COMPACT_AFTER,) * 2]
@@ -93,12 +94,14 @@ def test_a_failed_compaction_is_logged_by_the_store_and_its_deltas_stay_readable
     db.close()
     with caplog.at_level(logging.ERROR, logger="resumeflow.store"):
         store._compactor.request(w.opened.task_no, w.opened.epoch)
+        assert store._compactor.wait_idle()
         store._compactor.close()
     assert store._compactor.failures == 1
     assert any(f"task #{w.opened.task_no} failed" in r.getMessage() and "DecodeError"
                in r.getMessage() for r in caplog.records), caplog.text
     assert rows(path, "SELECT compacted_seq FROM tasks") == [(0,)]
     store._compactor.checkpoint_wal()  # a new child serves the next request
+    assert store._compactor.wait_idle()
     store._compactor.close()
     store.close()
 

@@ -213,6 +213,7 @@ def _rows_to_open_and_load(path: Path, keys: int) -> tuple[int, int]:
     w.commit(delta=[(b"k%d" % i, b"%d" % i) for i in range(keys)])
     for _ in range(6):
         w.commit(delta=[(b"k1", b"x")])
+    assert store._compactor.wait_idle()  # the same tail for any state size: 3 deltas
     store.close()
     store = SQLiteStore(path, keep_checkpoints=5)
     opened = store.open_task(TASK)
@@ -484,7 +485,7 @@ def test_the_compactor_copies_the_write_ahead_log_outside_the_commits(tmp_path: 
     for seq in range(1, 201):
         w.commit(delta=[(b"k%05d" % i, b"v%d-%d" % (i, seq)) for i in range(500)])
     store._compactor.checkpoint_wal()
-    store._compactor.close()  # the runs asked for, and the checkpoint, are done
+    assert store._compactor.wait_idle()  # the runs asked for, and the checkpoint, are done
     wal = path.with_name(path.name + "-wal").stat().st_size
     assert wal < 8 * 2**20, f"write-ahead log of {wal:,} bytes after 200 commits"
     alone = tmp_path / "alone.db"  # the database file without its log
@@ -521,22 +522,70 @@ def test_the_compactor_lets_the_tail_grow_where_deltas_change_the_same_keys(
 
     for seq in range(1, COMPACT_AFTER + 1):
         commit(seq)
-    store._compactor.close()  # the run asked for is done
+    assert store._compactor.wait_idle()  # the run asked for is done
     compacted = "SELECT compacted_seq FROM tasks"
     assert rows(path, compacted) == [(COMPACT_AFTER,)]
     expected = COMPACT_AFTER_MAX if same_keys else COMPACT_AFTER
     assert store._compactor.compact_after(w.opened.task_no) == expected
     for seq in range(COMPACT_AFTER + 1, COMPACT_AFTER + expected):
         commit(seq)
-    store._compactor.close()
+    assert store._compactor.wait_idle()
     assert rows(path, compacted) == [(COMPACT_AFTER,)]  # one delta short of the next run
     last = COMPACT_AFTER + expected
     commit(last)
-    store._compactor.close()
+    assert store._compactor.wait_idle()
     assert rows(path, compacted) == [(last,)]
     keys = range(100) if same_keys else range(last * 100, last * 100 + 100)
     assert snapshot(store, w.opened.task_no, [b"k%05d" % i for i in keys]) == {
         b"k%05d" % i: b"v%d" % last for i in keys}
+    store.close()
+
+
+@pytest.mark.parametrize("compactor", ["process", "thread"])
+def test_close_ends_the_run_in_progress_and_starts_no_queued_one(tmp_path: Path,
+                                                                 compactor: str) -> None:
+    """Closing the store lets the compactor finish the run it is doing (its task is
+    compacted) but start none of the requests still queued (that task keeps its tail, read
+    exactly by the next store, whose compactor takes it)."""
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path, compactor=compactor)
+    first, second = Writer(store, "first:0"), Writer(store, "second:0")
+    first.commit(delta=[(b"a%d" % i, b"1") for i in range(300)])
+    second.commit(delta=[(b"b%d" % i, b"2") for i in range(300)])
+    runner = store._compactor
+    hold = sqlite3.connect(path, isolation_level=None)
+    if compactor == "process":
+        hold.execute("BEGIN IMMEDIATE")  # the child's first chunk waits for SQLite's lock
+    else:
+        store._lock.acquire()  # the thread's turns are the store's lock
+    try:
+        runner.request(first.opened.task_no, first.opened.epoch)
+        deadline = time.monotonic() + 30
+        while first.opened.task_no in runner._pending:  # started: now blocked on the lock
+            assert time.monotonic() < deadline, "the compactor never started the first run"
+            time.sleep(0.01)
+        runner.request(second.opened.task_no, second.opened.epoch)
+        closing = threading.Thread(target=store.close)
+        closing.start()
+        time.sleep(0.5)  # the close has begun: its compactor knows it is to stop
+        assert closing.is_alive(), "close did not wait for the run in progress"
+    finally:
+        if compactor == "process":
+            hold.execute("ROLLBACK")
+        else:
+            store._lock.release()
+        hold.close()
+    closing.join(timeout=60)
+    assert not closing.is_alive()
+    sql = "SELECT task, compacted_seq FROM tasks ORDER BY task"
+    assert rows(path, sql) == [("first:0", 1), ("second:0", 0)]
+    store = SQLiteStore(path, compactor=compactor)
+    again = Writer(store, "second:0")
+    assert snapshot(store, again.opened.task_no, [b"b0", b"b299"]) == {b"b0": b"2",
+                                                                        b"b299": b"2"}
+    store._compactor.request(again.opened.task_no, again.opened.epoch)
+    assert store._compactor.wait_idle()
+    assert rows(path, sql) == [("first:0", 1), ("second:0", 1)]
     store.close()
 
 

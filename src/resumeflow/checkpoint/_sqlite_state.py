@@ -35,14 +35,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 import msgspec
 
 __all__ = [
     "COMPACT_AFTER",
     "COMPACT_AFTER_MAX",
-    "COMPACT_ON_CLOSE_MAX_PAGES",
     "MAX_TAIL_DELTAS",
     "PAGE_KEYS",
     "WAL_BACKSTOP_PAGES",
@@ -66,9 +65,6 @@ measured how much the task's deltas overlap (``compact_after``)."""
 
 COMPACT_AFTER_MAX = 16
 """The most uncompacted deltas ``compact_after`` lets a task's tail reach before a run."""
-
-COMPACT_ON_CLOSE_MAX_PAGES = 1000
-"""A clean close compacts the tail only up to this many pages (about 128k keys)."""
 
 MAX_TAIL_DELTAS = 32
 """Uncompacted deltas a task may have before a commit waits for the compactor."""
@@ -527,6 +523,34 @@ _RESTART_WAIT_MS = 20
 """How long a compactor process's ``RESTART`` checkpoint waits for a commit or a reader."""
 
 
+class Outstanding:
+    """The requests a compactor was given and has not served yet (``wait_idle``)."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._changed = threading.Condition()
+
+    def add(self) -> None:
+        with self._changed:
+            self._count += 1
+
+    def served(self) -> None:
+        with self._changed:
+            self._count = max(self._count - 1, 0)
+            if self._count == 0:
+                self._changed.notify_all()
+
+    def reset(self) -> None:
+        """None outstanding any more (the compactor stopped)."""
+        with self._changed:
+            self._count = 0
+            self._changed.notify_all()
+
+    def wait(self, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._count == 0, timeout)
+
+
 class Compactor:
     """Background thread that compacts tasks on request, one at a time, on its own connection.
 
@@ -551,6 +575,8 @@ class Compactor:
         self._pending: set[int] = set()
         self._overlap: dict[int, float] = {}
         self._thread: threading.Thread | None = None
+        self._closing = False
+        self._outstanding = Outstanding()
         self.runs = 0
         self.failures = 0
 
@@ -580,7 +606,12 @@ class Compactor:
             self._thread = threading.Thread(target=self._run, name="resumeflow-compactor",
                                             daemon=True)
             self._thread.start()
+        self._outstanding.add()
         self._queue.put((task_no, epoch))
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Wait until every request made so far is served; False if ``timeout`` ran out."""
+        return self._outstanding.wait(timeout)
 
     def checkpoint_wal(self) -> None:
         """Ask for a checkpoint of the write-ahead log (coalesced while one is pending), done
@@ -589,11 +620,15 @@ class Compactor:
         self.request(_WAL, 0)
 
     def close(self) -> None:
-        """Finish the run in progress and stop; uncompacted deltas stay readable."""
+        """Finish the run in progress and stop, starting none of the requests still queued;
+        uncompacted deltas stay readable (the next store's compactor takes them)."""
         if self._thread is not None:
+            self._closing = True
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+            self._closing = False
+            self._outstanding.reset()
 
     def _run(self) -> None:
         db = _compactor_connection(self._path)
@@ -601,8 +636,11 @@ class Compactor:
             while (item := self._queue.get()) is not None:
                 task_no, epoch = item
                 self._pending.discard(task_no)
+                if self._closing:
+                    continue
                 if task_no == _WAL:
                     _checkpoint_wal(db, self._write_lock)
+                    self._outstanding.served()
                     continue
                 try:
                     if compact(db, task_no, epoch, self._recent, self._write_lock,
@@ -616,6 +654,7 @@ class Compactor:
                     if db.in_transaction:
                         db.execute("ROLLBACK")
                 finally:
+                    self._outstanding.served()
                     self._on_done()
         finally:
             db.close()
@@ -702,9 +741,10 @@ def serve(path: str) -> None:
     """The compactor process of the store at ``path``: reads requests, one JSON array a line
     (``[task_no, epoch]``; ``[-1, 0]``: checkpoint the write-ahead log) from stdin, runs
     them one at a time as the compactor thread does, and writes one JSON object a line per
-    request to stdout. Ends when stdin ends (the store closed, or its process died): a
-    killed worker leaves no compactor behind, at most the run it was doing, which ends at its
-    next chunk if another worker took the task."""
+    request started to stdout. Ends when stdin ends (the store closed, or its process died),
+    after the run it is doing, starting none of the requests still queued: a killed worker
+    leaves no compactor behind, at most that run, which ends at its next chunk if another
+    worker took the task."""
     out = sys.stdout.buffer
     write_lock = threading.Lock()
     encode = msgspec.json.Encoder().encode
@@ -724,8 +764,14 @@ def serve(path: str) -> None:
     db = _compactor_connection(database)
     turn = Holding(waiting)  # SQLite's write lock is the turn
     decode = msgspec.json.Decoder(tuple[int, int]).decode
+    requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    ended = threading.Event()
+    threading.Thread(target=_read_requests, args=(sys.stdin.buffer, requests, ended),
+                     name="requests", daemon=True).start()
     try:
-        for line in sys.stdin.buffer:
+        while (line := requests.get()) is not None:
+            if ended.is_set():
+                continue  # the store closed: it starts no more runs (a run in progress ends)
             task_no, epoch = decode(line)
             send({"task": task_no, "started": True})
             if task_no == _WAL:
@@ -751,6 +797,19 @@ def serve(path: str) -> None:
     finally:
         db.close()
         waiting.close()
+
+
+def _read_requests(lines: IO[bytes], requests: queue.SimpleQueue[bytes | None],
+                   ended: threading.Event) -> None:
+    """Queue the store's requests as they come, so that the end of its pipe (the store
+    closed, or its process died) is seen while a run goes on: the requests still queued then
+    are not started."""
+    try:
+        for line in lines:
+            requests.put(line)
+    finally:
+        ended.set()
+        requests.put(None)
 
 
 def _sync_log(database: Path) -> None:

@@ -142,6 +142,8 @@ class _SimStore(SQLiteStore):
         self.torn: tuple[str, int] | None = None
         self.last_commit: tuple[str, int] | None = None
         self._eager = eager
+        self._committed: dict[int, int] = {}
+        """Epoch of each task this object committed (``die_compacting`` compacts them)."""
 
     def commit(self, opened: OpenedTask, record: CommitRecord,
                delta: Sequence[tuple[bytes, bytes | None]], staged: Sequence[StagedEntry],
@@ -150,6 +152,7 @@ class _SimStore(SQLiteStore):
             self.clock.advance(self.slow_write_s)
         tear, self.tear_next = self.tear_next, False
         super().commit(opened, record, delta, staged, release, in_store)
+        self._committed[opened.task_no] = opened.epoch
         self.last_commit = (opened.task, record.seq)
         if self._eager:
             self.compact(opened.task)
@@ -166,7 +169,8 @@ class _SimStore(SQLiteStore):
                                    "back); retry")
 
     def abandon(self) -> None:
-        """Close as a killed process would leave it: start no compaction (one running ends)."""
+        """Close as a killed process would leave it: start no compaction (one running ends;
+        a clean close starts none either)."""
         self._committed.clear()
         self.close()
 
