@@ -638,21 +638,22 @@ def _render_checkpoint(runs: list[dict[str, Any]], s: dict[str, Any]) -> str:
         for i, r in enumerate(runs))
     return f"""### Checkpoint duration: {s['dirty']:,} dirty keys in a {keys:,}-key state
 
-From the {s['big_keys']:,}-key state built above (compacted once built; store restored and flushed before each
-run), {len(runs)} run(s), each in a process of its own (`python bench/recovery.py
---checkpoint-worker`), with `replay_max_events={s['dirty']}` and no time bound, read records
-whose keys all differ and all have state, so every commit carries exactly {s['dirty']:,} dirty
-keys ({exact} of {len(sizes)} commits checked) over {keys:,} keys; {s['commits']} commits per
-run. Each commit is timed from its cut (the state delta encoded, the sink buffers detached)
-until it is durable and finalized (sink precommit, whose output of about 30 KB is staged in
-the store's transaction, commit record, the SQLite transaction with its fsync, the append of
-the output, fsynced once per 8 commits on a helper thread): `TaskRunner.commit_latency_s`.
-With the replay bound equal to the commit window, as here, the task cannot read on while a
-commit is in flight (the hard bound counts that commit's records), so the task, alone on
-its thread, writes each checkpoint up to its commit point at once on that thread instead of
-the commit thread (`commit_async(alone=True)`; the `cut` phase below holds the sinks'
-precommit and the store commit), then reads on while the commit thread finalizes it (the
-timing ends when that finalize does). The background compactor runs as usual.
+From the {s['big_keys']:,}-key state built above (compacted once built; store restored and
+flushed before each run), {len(runs)} run(s), each in a process of its own (`python
+bench/recovery.py --checkpoint-worker`), with `replay_max_events={s['dirty']}` and no time
+bound, read records whose keys all differ and all have state, so every commit carries
+exactly {s['dirty']:,} dirty keys ({exact} of {len(sizes)} commits checked) over {keys:,}
+keys; {s['commits']} commits per run. Each commit is timed from its cut (the state delta
+encoded, the sink buffers detached) until it is durable and finalized (sink precommit,
+whose output of about 30 KB is staged in the store's transaction, commit record, the
+SQLite transaction with its fsync, the append of the output, fsynced once per 8 commits on
+a helper thread): `TaskRunner.commit_latency_s`. With the replay bound equal to the commit
+window, as here, the task cannot read on while a commit is in flight (the hard bound
+counts that commit's records), so the task, alone on its thread, writes each checkpoint up
+to its commit point at once on that thread instead of the commit thread
+(`commit_async(alone=True)`; the `cut` phase below holds the sinks' precommit and the
+store commit), then reads on while the commit thread finalizes it (the timing ends when
+that finalize does). The background compactor runs as usual.
 
 {table}
 
