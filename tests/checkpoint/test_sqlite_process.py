@@ -224,8 +224,9 @@ def test_an_unknown_compactor_is_refused_with_the_choices(tmp_path: Path) -> Non
 
 
 def test_a_compaction_run_hands_each_chunk_to_its_after_chunk_hook(tmp_path: Path) -> None:
-    """``compact`` calls its ``after_chunk`` hook once per chunk written, outside the write
-    lock (the compactor process flushes the write-ahead log there), and the run is exact."""
+    """``compact`` calls its ``after_chunk`` hook after each chunk written (and each turn of
+    its pruning), outside the write lock (the compactor process flushes the write-ahead log
+    there), and the run is exact."""
     path = tmp_path / "s.db"
     store = SQLiteStore(path, compactor="thread")
     w = Writer(store)
@@ -239,7 +240,7 @@ def test_a_compaction_run_hands_each_chunk_to_its_after_chunk_hook(tmp_path: Pat
     with store._lock:
         ran = compact(store.connection, w.opened.task_no, w.opened.epoch, store._recent,
                       lock, chunk_keys=64, after_chunk=after_chunk)
-    assert ran and held == [False] * 5  # 300 keys in chunks of 64
+    assert ran and len(held) >= 5 and not any(held)  # 300 keys in chunks of 64
     assert rows(path, "SELECT count(*) FROM state") == [(300,)]
     store.close()
 

@@ -23,7 +23,18 @@ from resumeflow.checkpoint import (
     make_record,
 )
 from resumeflow.checkpoint import _sqlite as sqlite_module
-from resumeflow.checkpoint._sqlite_state import COMPACT_AFTER, COMPACT_AFTER_MAX, compact_after
+from resumeflow.checkpoint._sqlite_state import (
+    COMPACT_AFTER,
+    COMPACT_AFTER_MAX,
+    MAX_RUN_DELTAS,
+    MAX_TAIL_DELTAS,
+    PRUNE_TURN_BYTES,
+    LogKeeper,
+    _compactor_connection,
+    _turns,
+    compact,
+    compact_after,
+)
 from resumeflow.errors import (
     ClosedError,
     ConfigurationError,
@@ -538,6 +549,141 @@ def test_the_compactor_lets_the_tail_grow_where_deltas_change_the_same_keys(
     keys = range(100) if same_keys else range(last * 100, last * 100 + 100)
     assert snapshot(store, w.opened.task_no, [b"k%05d" % i for i in keys]) == {
         b"k%05d" % i: b"v%d" % last for i in keys}
+    store.close()
+
+
+def _no_background_runs(store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's compactor is asked for nothing (the test runs ``compact`` itself)."""
+    monkeypatch.setattr(store._compactor, "request", lambda *args: None)
+
+
+def test_a_long_tail_is_compacted_in_runs_of_at_most_max_run_deltas(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run merges at most MAX_RUN_DELTAS deltas and moves compacted_seq to its end, so a
+    long tail shrinks run by run; ``SQLiteStore.compact`` runs until none is left, and reads
+    are exact throughout."""
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path, compactor="thread")
+    _no_background_runs(store, monkeypatch)
+    w = Writer(store)
+    commits = MAX_TAIL_DELTAS - 2
+    assert commits > MAX_RUN_DELTAS
+    for seq in range(1, commits + 1):
+        w.commit(delta=[(b"k%03d" % (seq % 7), b"v%d" % seq), (b"s%03d" % seq, b"%d" % seq)])
+    expected = {b"k%03d" % (seq % 7): b"v%d" % seq for seq in range(1, commits + 1)}
+    expected |= {b"s%03d" % seq: b"%d" % seq for seq in range(1, commits + 1)}
+    with store._lock:
+        assert compact(store.connection, w.opened.task_no, w.opened.epoch, store._recent)
+    assert rows(path, "SELECT compacted_seq FROM tasks") == [(MAX_RUN_DELTAS,)]
+    assert snapshot(store, w.opened.task_no, expected) == expected
+    assert store.compact() == 1  # the rest, in one more run
+    assert rows(path, "SELECT compacted_seq FROM tasks") == [(commits,)]
+    assert snapshot(store, w.opened.task_no, expected) == expected
+    store.close()
+
+
+def test_the_history_is_pruned_after_the_merge_of_a_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run first merges its deltas and moves compacted_seq, then drops the history no kept
+    checkpoint needs (the undo of an older run), so that dropping a large history never
+    delays the tail's shrinking."""
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path, keep_checkpoints=2, compactor="thread")
+    _no_background_runs(store, monkeypatch)
+    w = Writer(store)
+    for seq in range(1, 5):
+        w.commit(delta=[(b"k%03d" % i, b"v%d" % seq) for i in range(100)])
+    assert store.compact() == 1  # its undo images: to_seq 4
+    for seq in range(5, 9):
+        w.commit(delta=[(b"k%03d" % i, b"v%d" % seq) for i in range(100)])
+    db = store.connection
+    seen: list[tuple[int, int]] = []
+
+    def after_chunk() -> None:
+        seen.append(db.execute("SELECT (SELECT compacted_seq FROM tasks), "
+                               "(SELECT count(*) FROM undo WHERE to_seq = 4)").fetchone())
+
+    with store._lock:
+        assert compact(db, w.opened.task_no, w.opened.epoch, store._recent,
+                       chunk_keys=32, after_chunk=after_chunk)
+    assert seen[0] == (4, 1)  # after the first chunk: the old run's undo is still there
+    pruned = [compacted for compacted, old in seen if old == 0]
+    assert pruned and set(pruned) == {8}  # dropped only once compacted_seq had moved
+    assert seen[-1] == (8, 0)
+    assert snapshot(store, w.opened.task_no, [b"k%03d" % i for i in range(100)]) == {
+        b"k%03d" % i: b"v8" for i in range(100)}
+    store.close()
+
+
+def test_pruning_deletes_history_in_turns_of_about_prune_turn_bytes() -> None:
+    """Turns are cut by the size of the blobs they delete, not by a count of rows: many
+    small rows go in one turn, a row larger than a turn goes alone."""
+    small = [(1, i, 1000) for i in range(600)]
+    turns = list(_turns(small))
+    per_turn = -(-PRUNE_TURN_BYTES // 1000)
+    assert [len(t) for t in turns] == [per_turn, per_turn, 600 - 2 * per_turn]
+    assert [k for t in turns for k in t] == [(1, i) for i in range(600)]
+    big = [(2, 0, PRUNE_TURN_BYTES * 3), (2, 1, 10), (2, 2, 10)]
+    assert list(_turns(big)) == [[(2, 0)], [(2, 1), (2, 2)]]
+    assert list(_turns([])) == []
+
+
+def _tail_of_many_pages(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[SQLiteStore,
+                                                                             Writer]:
+    store = SQLiteStore(path, compactor="thread")
+    _no_background_runs(store, monkeypatch)
+    w = Writer(store)
+    for seq in range(1, 9):
+        w.commit(delta=[(b"k%06d" % (i * 8 + seq), b"x" * 200) for i in range(500)])
+    store.connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return store, w
+
+
+def test_a_log_keeper_keeps_the_write_ahead_log_short_during_a_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpointing the log every few chunks of a run lets it start again from its
+    beginning: the log a run leaves is a fraction of the one the same run leaves without
+    (which the store's commits would otherwise copy themselves past the backstop)."""
+    sizes: dict[bool, int] = {}
+    for keep in (False, True):
+        path = tmp_path / f"{keep}.db"
+        store, w = _tail_of_many_pages(path, monkeypatch)
+        db = _compactor_connection(path)
+        keeper = LogKeeper(db, every=2) if keep else None
+        try:
+            assert compact(db, w.opened.task_no, w.opened.epoch, store._recent,
+                           chunk_keys=64, after_chunk=keeper)
+        finally:
+            db.close()
+        sizes[keep] = Path(f"{path}-wal").stat().st_size
+        if keeper is not None:
+            assert keeper.checkpoints == 4000 // 64 // 2
+        keys = [b"k%06d" % (i * 8 + seq) for i in range(0, 500, 50) for seq in range(1, 9)]
+        assert snapshot(store, w.opened.task_no, keys) == {k: b"x" * 200 for k in keys}
+        store.close()
+    assert sizes[True] * 4 < sizes[False], sizes
+
+
+def test_released_staged_output_is_not_zero_filled_in_the_log(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's connections delete with ``secure_delete=FAST``: releasing 1 MB of staged
+    output writes a few pages to the write-ahead log, not the megabyte of zeros Debian's
+    default (``secure_delete`` on) wrote over the freed pages."""
+    path = tmp_path / "s.db"
+    store = SQLiteStore(path, compactor="thread")
+    _no_background_runs(store, monkeypatch)
+    assert store.connection.execute("PRAGMA secure_delete").fetchone() == (2,)  # FAST
+    db = _compactor_connection(path)
+    assert db.execute("PRAGMA secure_delete").fetchone() == (2,)
+    db.close()
+    w = Writer(store)
+    big = StagedEntry(sink="out", seq=1, meta={}, payload=b"y" * 2**20)
+    w.commit(staged=[big])
+    wal = Path(f"{path}-wal")
+    before = wal.stat().st_size
+    w.commit(release=[("out", 1)])
+    assert wal.stat().st_size - before < 64 * 1024
+    assert rows(path, "SELECT count(*) FROM staged") == [(0,)]
     store.close()
 
 

@@ -33,6 +33,7 @@ from ._record import SCHEMA_VERSION, CommitRecord, decode_record, encode_record
 from ._sqlite_process import ProcessCompactor
 from ._sqlite_state import (
     MAX_TAIL_DELTAS,
+    SECURE_DELETE,
     WAL_BACKSTOP_PAGES,
     Compactor,
     TailIndex,
@@ -198,6 +199,7 @@ class SQLiteStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}")
             self._db.execute("PRAGMA foreign_keys=OFF")
+            self._db.execute(f"PRAGMA secure_delete={SECURE_DELETE}")
             self._init_schema()
         except sqlite3.DatabaseError as exc:
             raise ConfigurationError(
@@ -500,7 +502,8 @@ class SQLiteStore:
             db.execute("DELETE FROM commits WHERE task_no = ? AND seq < ?", (task_no, oldest_kept))
 
     def compact(self, task: str | None = None) -> int:
-        """Compact now, in the caller's thread (tools and tests); returns the runs done."""
+        """Compact every uncompacted delta now, in the caller's thread (tools and tests), in
+        as many runs as that takes (``MAX_RUN_DELTAS`` each); returns the runs done."""
         done = 0
         with self._lock:
             db = self.connection
@@ -508,7 +511,8 @@ class SQLiteStore:
                 "SELECT task_no, epoch FROM tasks" + (" WHERE task = ?" if task else ""),
                 (task,) if task else ()).fetchall()
             for task_no, epoch in rows:
-                done += compact(db, task_no, epoch, self._recent)
+                while compact(db, task_no, epoch, self._recent):
+                    done += 1
         return done
 
     # -- inspection and tools --------------------------------------------------------------
