@@ -21,6 +21,7 @@ from resumeflow.checkpoint import GENESIS_DIGEST, OpenedTask, SQLiteStore, make_
 from resumeflow.checkpoint._sqlite_process import ProcessCompactor
 from resumeflow.checkpoint._sqlite_state import (
     COMPACT_AFTER,
+    COMPACTOR_NICE,
     Holding,
     WaitingFlag,
     _sync_log,
@@ -77,6 +78,25 @@ def test_the_default_store_compacts_in_a_process_of_its_own(tmp_path: Path) -> N
     assert store._recent._dirs.get(w.opened.task_no, []) == []
     for i in (0, 150, 299):
         assert store.load_state(w.opened.task_no, b"k%03d" % i) == b"v%d-%d" % (i, COMPACT_AFTER)
+    store.close()
+
+
+def test_the_compactor_process_runs_at_a_lower_cpu_priority_than_the_pipeline(
+        tmp_path: Path) -> None:
+    """The compactor process is ``COMPACTOR_NICE`` steps nicer than the process whose store
+    started it, which keeps its own priority (the pipeline's threads come first on a shared
+    core)."""
+    store = SQLiteStore(tmp_path / "s.db")
+    w = Writer(store)
+    for _ in range(COMPACT_AFTER):
+        w.commit([(b"k%03d" % i, b"v") for i in range(50)])
+    compactor = store._compactor
+    assert isinstance(compactor, ProcessCompactor) and compactor.wait_idle()
+    proc = compactor._proc
+    assert proc is not None
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    assert os.getpriority(os.PRIO_PROCESS, proc.pid) == min(19, mine + COMPACTOR_NICE)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == mine
     store.close()
 
 

@@ -804,6 +804,7 @@ def serve(path: str) -> None:
     log.addHandler(_Forward(send))
     log.setLevel(logging.INFO)
     log.propagate = False
+    _lower_priority()
     database = Path(path)
     waiting = WaitingFlag(waiting_path(database))
     waiting.release()  # what a killed compactor left set
@@ -856,6 +857,22 @@ def _read_requests(lines: IO[bytes], requests: queue.SimpleQueue[bytes | None],
     finally:
         ended.set()
         requests.put(None)
+
+
+COMPACTOR_NICE = 10
+"""How much the compactor process lowers its CPU priority (``nice``) when it starts. Its
+work is background work with slack (a task's tail may grow to ``MAX_TAIL_DELTAS`` before a
+commit waits for it), while the pipeline's interpreter is the critical path: where the two
+want the same core (its commit thread, the kernel's writeback), the pipeline's threads get
+it first. A nice process still runs whenever a core is free, and a commit that waits for it
+leaves its own core free, so a compactor holding SQLite's write lock is not starved."""
+
+
+def _lower_priority() -> None:
+    try:
+        os.nice(COMPACTOR_NICE)
+    except OSError as exc:  # a platform without nice: the compactor runs at the same priority
+        log.debug("compactor priority not lowered: %s", exc)
 
 
 def _sync_log(database: Path) -> None:
