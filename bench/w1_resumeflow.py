@@ -61,47 +61,6 @@ class ThreadCpu:
         return {role: round(s, 3) for role, s in sorted(self.by_role.items())}
 
 
-class ChildMemory:
-    """Peak RSS of this process's child processes (resumeflow's compactor process), sampled
-    every 0.2 s from ``VmHWM`` in ``/proc``: the children's ``ru_maxrss`` would count the
-    parent's pages they shared between fork and exec."""
-
-    def __init__(self) -> None:
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-child-memory",
-                                        daemon=True)
-
-    def __enter__(self) -> ChildMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            for pid in self._children():
-                try:
-                    status = Path(f"/proc/{pid}/status").read_text()
-                except OSError:
-                    continue
-                for line in status.splitlines():
-                    if line.startswith("VmHWM:"):
-                        self.peak_mb = max(self.peak_mb, int(line.split()[1]) / 1024)
-
-    @staticmethod
-    def _children() -> list[str]:
-        pids: list[str] = []
-        for task in Path("/proc/self/task").iterdir():
-            try:
-                pids += (task / "children").read_text().split()
-            except OSError:
-                continue
-        return pids
-
-
 def build(src: Path, sink: Any) -> rf.Flow:
     flow = rf.Flow("w1")
     (flow.source(rf.sources.JsonLines(src))
@@ -196,7 +155,6 @@ def main(src: Path, out: Path, mode: str) -> None:
     imported = time.perf_counter()
     threads = ThreadCpu()
     threads.install()
-    children = ChildMemory()
     store_path = out.parent / "rf-store.db"
     for leftover in out.parent.glob("rf-store.db*"):
         if leftover.is_dir():
@@ -216,8 +174,7 @@ def main(src: Path, out: Path, mode: str) -> None:
                                    compactor="thread")
             label += ", compactor thread (one process)"
         try:
-            with children:
-                summary = rf.run(build(src, rf.sinks.JsonLinesSink(out)), store, config)
+            summary = rf.run(build(src, rf.sinks.JsonLinesSink(out)), store, config)
         finally:
             if isinstance(store, rf.SQLiteStore):
                 store.close()
@@ -229,8 +186,7 @@ def main(src: Path, out: Path, mode: str) -> None:
                          dead_letters=PlainJsonLinesSink(dead))
     report(contender=label, records=summary.records_in, seconds=time.perf_counter() - imported,
            import_s=imported - STARTED, commits=summary.commits,
-           commit_p50_ms=summary.commit_p50_s * 1e3, cpu_threads=threads.report(),
-           child_peak_rss_mb=children.peak_mb)
+           commit_p50_ms=summary.commit_p50_s * 1e3, cpu_threads=threads.report())
 
 
 if __name__ == "__main__":
